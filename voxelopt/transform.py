@@ -1,0 +1,204 @@
+"""Spatial transforms on dense displacement fields.
+
+Convention (used everywhere in the project):
+
+* Images and features are ``(B, C, D, H, W)``.
+* A displacement ``u`` is ``(B, 3, D, H, W)`` in voxels of the grid it lives on; channel ``i``
+  is the displacement along spatial axis ``i`` (0 = D, 1 = H, 2 = W).
+* Warping samples the moving image: ``warp(M, u)(x) = M(x + u(x))`` (the Learn2Reg convention:
+  a fixed voxel ``x`` looks up the moving image at ``x + u(x)``).
+* Voxel centres sit at integer coordinates ``0 .. n-1``; sampling uses ``grid_sample`` with
+  ``align_corners=True`` so that these coordinates map exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "check_displacement",
+    "compose",
+    "identity_grid",
+    "integrate_velocity",
+    "pyramid_shapes",
+    "resize_displacement",
+    "resize_volume",
+    "warp",
+]
+
+
+def check_displacement(disp: Tensor, name: str = "displacement") -> None:
+    """Raise ``ValueError`` unless ``disp`` is a ``(B, 3, D, H, W)`` floating tensor."""
+    if not isinstance(disp, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(disp).__name__}")
+    if disp.dim() != 5 or disp.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (B, 3, D, H, W), got {tuple(disp.shape)}")
+    if not disp.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {disp.dtype}")
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Voxel coordinates of a grid.
+
+    Args:
+        shape: spatial size ``(D, H, W)``.
+        device: device of the result.
+        dtype: floating dtype of the result (default: torch's default dtype).
+
+    Returns:
+        ``(1, 3, D, H, W)`` tensor whose channel ``i`` holds the coordinate along axis ``i``.
+    """
+    if len(shape) != 3:
+        raise ValueError(f"shape must be (D, H, W), got {tuple(shape)}")
+    axes = [torch.arange(n, device=device, dtype=dtype or torch.get_default_dtype()) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def _sampling_grid(disp: Tensor) -> Tensor:
+    """``grid_sample`` grid ``(B, D, H, W, 3)`` (x = W, y = H, z = D order) for ``x + u(x)``."""
+    shape = disp.shape[2:]
+    coords = identity_grid(shape, disp.device, disp.dtype) + disp
+    scale = torch.tensor(
+        [2.0 / max(n - 1, 1) for n in shape], device=disp.device, dtype=disp.dtype
+    ).view(1, 3, 1, 1, 1)
+    grid = coords * scale - 1.0
+    # channels (D, H, W) -> last axis in grid_sample's (x, y, z) = (W, H, D) order
+    return grid.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def warp(
+    image: Tensor,
+    disp: Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """Warp ``image`` by a displacement: ``out(x) = image(x + disp(x))``.
+
+    Args:
+        image: ``(B, C, D, H, W)`` on the same grid as ``disp`` (B may be 1 to broadcast).
+        disp: ``(B, 3, D, H, W)`` displacement in voxels.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (for label maps).
+        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+
+    Returns:
+        ``(B, C, D, H, W)`` warped image, same dtype as ``image``.
+    """
+    check_displacement(disp)
+    if image.dim() != 5:
+        raise ValueError(f"image must have shape (B, C, D, H, W), got {tuple(image.shape)}")
+    if image.shape[2:] != disp.shape[2:]:
+        raise ValueError(
+            f"image grid {tuple(image.shape[2:])} does not match displacement grid "
+            f"{tuple(disp.shape[2:])}"
+        )
+    if image.shape[0] != disp.shape[0]:
+        if image.shape[0] != 1:
+            raise ValueError(
+                f"batch sizes differ: image {image.shape[0]}, displacement {disp.shape[0]}"
+            )
+        image = image.expand(disp.shape[0], *image.shape[1:])
+    grid = _sampling_grid(disp)
+    src = image if image.is_floating_point() else image.to(disp.dtype)
+    if src.dtype != grid.dtype:
+        grid = grid.to(src.dtype)
+    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return out if image.is_floating_point() else out.round().to(image.dtype)
+
+
+def compose(first: Tensor, second: Tensor, padding_mode: str = "border") -> Tensor:
+    """Compose two displacements in sampling order.
+
+    The result maps ``x -> x + first(x) -> (x + first(x)) + second(x + first(x))``:
+    ``warp(warp(M, second), first) == warp(M, compose(first, second))`` up to interpolation.
+
+    Args:
+        first: ``(B, 3, D, H, W)`` displacement applied at the fixed grid.
+        second: ``(B, 3, D, H, W)`` displacement evaluated where ``first`` points to.
+        padding_mode: padding used when sampling ``second``.
+
+    Returns:
+        ``(B, 3, D, H, W)`` composed displacement.
+    """
+    check_displacement(first, "first")
+    check_displacement(second, "second")
+    return first + warp(second, first, padding_mode=padding_mode)
+
+
+def integrate_velocity(velocity: Tensor, steps: int = 7, padding_mode: str = "border") -> Tensor:
+    """Scaling and squaring of a stationary velocity field.
+
+    ``phi = v / 2**steps``, then ``steps`` times ``phi <- phi + phi(x + phi(x))``.
+
+    Args:
+        velocity: ``(B, 3, D, H, W)`` in voxels.
+        steps: number of squarings (0 returns the velocity itself).
+        padding_mode: padding when the field samples itself.
+
+    Returns:
+        ``(B, 3, D, H, W)`` displacement of the time-1 flow.
+    """
+    check_displacement(velocity, "velocity")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    phi = velocity / (2**steps)
+    for _ in range(steps):
+        phi = phi + warp(phi, phi, padding_mode=padding_mode)
+    return phi
+
+
+def resize_volume(volume: Tensor, size: Sequence[int], mode: str = "trilinear") -> Tensor:
+    """Resample ``(B, C, D, H, W)`` onto ``size`` with corner voxels aligned."""
+    size = tuple(int(s) for s in size)
+    if tuple(volume.shape[2:]) == size:
+        return volume
+    if mode == "nearest":
+        return F.interpolate(volume, size=size, mode="nearest")
+    return F.interpolate(volume, size=size, mode=mode, align_corners=True)
+
+
+def resize_displacement(disp: Tensor, size: Sequence[int]) -> Tensor:
+    """Resample a displacement onto another grid of the same field of view.
+
+    Values are rescaled by ``(n_new - 1) / (n_old - 1)`` per axis so that they stay in voxels
+    of the new grid (exactly 2 for the reference's ``2n-1 -> n`` halving; close to 2 otherwise).
+
+    Args:
+        disp: ``(B, 3, D, H, W)`` displacement in voxels.
+        size: target ``(D', H', W')``.
+
+    Returns:
+        ``(B, 3, D', H', W')`` displacement in voxels of the target grid.
+    """
+    check_displacement(disp)
+    old = disp.shape[2:]
+    size = tuple(int(s) for s in size)
+    if tuple(old) == size:
+        return disp
+    factor = torch.tensor(
+        [(n - 1) / (o - 1) if o > 1 else float(n) / o for n, o in zip(size, old)],
+        device=disp.device,
+        dtype=disp.dtype,
+    ).view(1, 3, 1, 1, 1)
+    return resize_volume(disp, size) * factor
+
+
+def pyramid_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:
+    """Spatial sizes of the pyramid, finest first: each level halves, rounding up.
+
+    Args:
+        shape: ``(D, H, W)`` of level 0.
+        levels: number of levels.
+
+    Returns:
+        ``levels`` tuples, ``[shape, ceil(shape / 2), ...]``.
+    """
+    shapes = [tuple(int(s) for s in shape)]
+    for _ in range(levels - 1):
+        shapes.append(tuple((s + 1) // 2 for s in shapes[-1]))
+    return shapes
