@@ -1,0 +1,158 @@
+"""The pair DataModule: both layouts, subject splits, ordered pairs, up-front file checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.data import AbdomenCTDataModule, PairDataset, find_subjects, load_subject
+
+
+@pytest.mark.parametrize("layout", ["paper", "l2r"])
+def test_default_splits_and_pairs(layout, paper_dir, l2r_dir, fake_data):
+    root = paper_dir if layout == "paper" else l2r_dir
+    dm = AbdomenCTDataModule(root)
+    dm.setup("fit")
+    sizes = {split: len(ds) for split, ds in dm.datasets.items()}
+    assert sizes == {"train": 20 * 19, "val": 3 * 2, "test": 7 * 6}
+    test = dm.datasets["test"]
+    names = [test[i]["pair"] for i in range(len(test))]
+    assert len(set(names)) == 42 and names[0] == "0024_0025" and "0025_0024" in names
+    assert all(f != m for f, m in (n.split("_") for n in names))
+    sample = test[0]
+    assert sample["fixed"].shape == (1, *fake_data.shape) and sample["fixed"].dtype == torch.float32
+    assert sample["fixed_label"].dtype == torch.int64
+    assert set(sample["fixed_label"].unique().tolist()) == {0, 1, 2}
+    assert sample["pair_id"] == 0
+    # intensities stay in HU and encode the subject: 10 * id - 500
+    assert sample["fixed"].mean().item() == pytest.approx(10 * 24 - 500, abs=3)
+    assert sample["moving"].mean().item() == pytest.approx(10 * 25 - 500, abs=3)
+    torch.testing.assert_close(sample["spacing"], torch.tensor([2.0, 2.0, 2.0]))
+
+
+def test_learn2reg_without_json(tmp_path, fake_data):
+    root = fake_data.learn2reg(tmp_path, ids=range(1, 5), with_json=False)
+    subjects = find_subjects(root)
+    assert sorted(subjects) == [1, 2, 3, 4]
+    assert subjects[3].label == root / "labelsTr" / "AbdomenCTCT_0003_0000.nii.gz"
+
+
+def test_json_lists_only_its_entries(tmp_path, fake_data):
+    root = fake_data.learn2reg(tmp_path, ids=range(1, 6), with_json=False)
+    entries = [
+        {
+            "image": f"./imagesTr/AbdomenCTCT_{i:04d}_0000.nii.gz",
+            "label": f"./labelsTr/AbdomenCTCT_{i:04d}_0000.nii.gz",
+        }
+        for i in (1, 2, 4)
+    ]
+    (root / "AbdomenCTCT_dataset.json").write_text(json.dumps({"training": entries}))
+    assert sorted(find_subjects(root)) == [1, 2, 4]
+
+
+def test_custom_splits_dataloader(paper_dir, fake_data):
+    dm = AbdomenCTDataModule(
+        paper_dir,
+        train_subjects=[1, 2, 3],
+        val_subjects=[4, 5],
+        test_subjects=[6, 7, 8],
+        batch_size=2,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["fixed"].shape == (2, 1, *fake_data.shape)
+    assert batch["pair_id"].shape == (2,) and len(batch["pair"]) == 2
+    assert len(dm.datasets["val"]) == 2 and len(dm.datasets["test"]) == 6
+
+
+def test_downsample_and_clip(paper_dir):
+    subject = find_subjects(paper_dir)[3]
+    full_image, full_label, spacing = load_subject(subject)
+    image, label, half_spacing = load_subject(subject, downsample=2, clip_hu=(-480.0, -460.0))
+    assert image.shape == (1, 6, 5, 4) and label.shape == (1, 6, 5, 4)
+    assert image.min() >= -480 and image.max() <= -460
+    # labels nearest: only existing values; corners sample the corner voxels
+    assert set(label.unique().tolist()) <= {0, 1, 2}
+    assert label[0, -1, -1, -1] == full_label[0, -1, -1, -1]
+    expected = spacing * torch.tensor([11 / 5, 9 / 4, 7 / 3])
+    torch.testing.assert_close(half_spacing, expected)
+
+
+def test_canonical_orientation(tmp_path):
+    """A file stored in LPS order is read back in RAS+ array order."""
+    data = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    import nibabel as nib
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "label").mkdir()
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "img" / "img0001.nii.gz"))
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "label" / "label0001.nii.gz"))
+    image, _, _ = load_subject(find_subjects(tmp_path)[1])
+    np.testing.assert_array_equal(image[0].numpy(), data[::-1, ::-1, :].astype(np.float32))
+
+
+# ------------------------------------------------------------------ errors, named up front
+def test_missing_label_named(paper_dir):
+    (paper_dir / "label" / "label0027.nii.gz").unlink()
+    dm = AbdomenCTDataModule(paper_dir)
+    with pytest.raises(FileNotFoundError, match="label0027.nii.gz"):
+        dm.setup("test")
+
+
+def test_malformed_image_named(l2r_dir):
+    (l2r_dir / "imagesTr" / "AbdomenCTCT_0005_0000.nii.gz").write_bytes(b"not a nifti at all")
+    with pytest.raises(ValueError, match="AbdomenCTCT_0005_0000.nii.gz"):
+        AbdomenCTDataModule(l2r_dir).setup("test")  # a training file, checked before testing
+
+
+def test_truncated_file_found_by_full_check(paper_dir):
+    path = paper_dir / "img" / "img0030.nii.gz"
+    path.write_bytes(path.read_bytes()[:-60])
+    AbdomenCTDataModule(paper_dir).setup()  # headers only: still readable
+    with pytest.raises(ValueError, match="img0030.nii.gz"):
+        AbdomenCTDataModule(paper_dir, full_check=True).setup()
+
+
+def test_label_grid_mismatch_named(paper_dir, fake_data):
+    fake_data.write_volume(paper_dir / "label" / "label0002.nii.gz", np.zeros((5, 5, 5), np.uint8))
+    with pytest.raises(ValueError, match="label0002.nii.gz"):
+        AbdomenCTDataModule(paper_dir).setup()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"test_subjects": [24, 31]}, FileNotFoundError, r"test_subjects \[31\]"),
+        ({"val_subjects": [20, 21]}, ValueError, "subject 20 is in both"),
+        ({"test_subjects": [24]}, ValueError, "at least 2 subjects"),
+        ({"downsample": 0}, ValueError, "downsample"),
+        ({"clip_hu": (100.0, -100.0)}, ValueError, "clip_hu"),
+        ({"layout": "nifti"}, ValueError, "layout"),
+    ],
+)
+def test_bad_arguments(paper_dir, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AbdomenCTDataModule(paper_dir, **kwargs).setup()
+
+
+def test_bad_folders_and_json(tmp_path, l2r_dir):
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        AbdomenCTDataModule(tmp_path / "nowhere").setup()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither img/"):
+        AbdomenCTDataModule(tmp_path / "empty").setup()
+    (l2r_dir / "AbdomenCTCT_dataset.json").write_text("{broken")
+    with pytest.raises(ValueError, match="AbdomenCTCT_dataset.json is not valid JSON"):
+        AbdomenCTDataModule(l2r_dir).setup()
+
+
+def test_pair_dataset_index_error(paper_dir):
+    subjects = find_subjects(paper_dir)
+    ds = PairDataset([subjects[1], subjects[2]])
+    assert len(ds) == 2
+    with pytest.raises(IndexError):
+        ds[2]
