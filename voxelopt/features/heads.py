@@ -1,0 +1,98 @@
+"""Trainable feature heads on top of raw intensity or a frozen backbone."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from voxelopt.features.base import FeatureExtractor
+
+__all__ = ["FeatureHead", "HeadedExtractor"]
+
+
+class FeatureHead(nn.Module):
+    """Residual 3D conv head ``(B, in, D, H, W) -> (B, out, D, H, W)``, identity-like at start.
+
+    ``out = proj(x) + residual(x)``. ``proj`` is the identity when ``in == out``, otherwise a
+    1x1x1 conv initialised to copy input channel ``c % in`` into output channel ``c``.
+    ``residual`` is ``depth`` 3x3x3 convs (``width`` channels, leaky ReLU between them) whose
+    last layer is zero-initialised, so before training the head passes its input through and
+    gradients still reach every layer after the first step.
+
+    Args:
+        in_channels: channels of the input features.
+        out_channels: channels of the output features.
+        width: channels of the hidden residual layers.
+        depth: number of convs in the residual branch (>= 1).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 16, depth: int = 2):
+        super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("width", width),
+            ("depth", depth),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        if in_channels == out_channels:
+            self.proj: nn.Module = nn.Identity()
+        else:
+            self.proj = nn.Conv3d(in_channels, out_channels, 1)
+            with torch.no_grad():
+                self.proj.weight.zero_()
+                self.proj.bias.zero_()
+                for c in range(out_channels):
+                    self.proj.weight[c, c % in_channels] = 1.0
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(depth - 1):
+            layers += [nn.Conv3d(channels, width, 3, padding=1), nn.LeakyReLU(0.1)]
+            channels = width
+        last = nn.Conv3d(channels, out_channels, 3, padding=1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.residual = nn.Sequential(*layers, last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, D, H, W)`` -> ``(B, out_channels, D, H, W)``."""
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"FeatureHead input must have shape (B, {self.in_channels}, D, H, W), got "
+                f"{tuple(x.shape)}"
+            )
+        return self.proj(x) + self.residual(x)
+
+
+class HeadedExtractor(FeatureExtractor):
+    """A frozen backbone extractor followed by a trainable :class:`FeatureHead`.
+
+    Args:
+        backbone: any feature extractor; it is frozen here.
+        head: head whose ``in_channels`` equals ``backbone.out_channels``.
+        pair_normalize: whether the head's output is jointly normalised per pair (default:
+            the backbone's setting).
+    """
+
+    def __init__(
+        self, backbone: FeatureExtractor, head: FeatureHead, pair_normalize: bool | None = None
+    ) -> None:
+        if not isinstance(backbone, FeatureExtractor):
+            raise TypeError(f"backbone must be a FeatureExtractor, got {type(backbone).__name__}")
+        if not isinstance(head, FeatureHead):
+            raise TypeError(f"head must be a FeatureHead, got {type(head).__name__}")
+        if head.in_channels != backbone.out_channels:
+            raise ValueError(
+                f"head.in_channels ({head.in_channels}) must equal backbone.out_channels "
+                f"({backbone.out_channels})"
+            )
+        norm = backbone.pair_normalize if pair_normalize is None else pair_normalize
+        super().__init__(out_channels=head.out_channels, pair_normalize=norm)
+        self.backbone = backbone.freeze()
+        self.head = head
+
+    def extract(self, image_hu: Tensor) -> Tensor:
+        """``(B, 1, D, H, W)`` HU -> ``(B, head.out_channels, D, H, W)``."""
+        return self.head(self.backbone.extract(image_hu))
