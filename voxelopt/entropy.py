@@ -1,0 +1,79 @@
+"""Displacement entropy per voxel and the blur strength (sigma) it asks for.
+
+A voxel whose cost volume has one clear minimum is confident (low entropy) and should keep its
+own displacement; a voxel with a flat cost (high entropy) should borrow from its neighbours.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["displacement_entropy", "sigma_map"]
+
+_EPS = 1e-12
+
+
+def displacement_entropy(cost: Tensor, beta: float = 0.1, prob_floor: float = 1e-6) -> Tensor:
+    """Shannon entropy of the displacement distribution of every voxel.
+
+    ``P(x, .) = softmax(-C(x, .) / beta)`` over the offsets, clamped to ``[prob_floor, 1]`` and
+    renormalised (as the reference does), then ``E(x) = -sum_o P log P``.
+
+    Args:
+        cost: ``(B, K, D, H, W)`` cost volume (lower is better).
+        beta: softmax temperature, in cost units.
+        prob_floor: lower clamp of the probabilities before the log.
+
+    Returns:
+        ``(B, 1, D, H, W)`` entropy in nats, in ``[0, log K]``.
+    """
+    if cost.dim() != 5:
+        raise ValueError(f"cost must be (B, K, D, H, W), got {tuple(cost.shape)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta!r}")
+    prob = torch.softmax(cost * (-1.0 / beta), dim=1).clamp(min=prob_floor, max=1.0)
+    prob = prob / prob.sum(dim=1, keepdim=True)
+    return -(prob * prob.log()).sum(dim=1, keepdim=True)
+
+
+def _per_sample(x: Tensor, reduce) -> Tensor:
+    return reduce(x.flatten(1), dim=1).values.view(-1, 1, 1, 1, 1)
+
+
+def sigma_map(
+    entropy: Tensor,
+    mode: str = "reference",
+    sigma_low: float = 0.1,
+    sigma_high: float = 0.5,
+    alpha: float = 1.5,
+) -> Tensor:
+    """Blur strength of the message passing from the entropy, normalised per sample.
+
+    * ``"reference"``: ``e = (E - min E) / (max E - min E)``, ``sigma = sigma_low +
+      log2(e + 1) * (sigma_high - sigma_low)``; the extremes are taken over each sample's own
+      volume (the reference takes them over the whole batch, which couples the pairs).
+    * ``"paper"`` (Eq. 6): ``sigma = alpha * ln(E / max E + 1)``.
+
+    Args:
+        entropy: ``(B, 1, D, H, W)`` displacement entropy.
+        mode: ``"reference"`` or ``"paper"``.
+        sigma_low: sigma (voxels) of the most confident voxel, reference variant.
+        sigma_high: sigma (voxels) of the least confident voxel, reference variant.
+        alpha: scale of the paper variant.
+
+    Returns:
+        ``(B, 1, D, H, W)`` sigma in voxels.
+    """
+    if entropy.dim() != 5 or entropy.shape[1] != 1:
+        raise ValueError(f"entropy must be (B, 1, D, H, W), got {tuple(entropy.shape)}")
+    if mode == "reference":
+        low = _per_sample(entropy, torch.min)
+        high = _per_sample(entropy, torch.max)
+        e = (entropy - low) / (high - low).clamp(min=_EPS)
+        return sigma_low + torch.log2(e + 1.0) * (sigma_high - sigma_low)
+    if mode == "paper":
+        high = _per_sample(entropy, torch.max)
+        return alpha * torch.log(entropy / high.clamp(min=_EPS) + 1.0)
+    raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}")
+

@@ -1,0 +1,139 @@
+"""The VoxelOpt solver: a coarse-to-fine pyramid of :func:`voxelopt.solver.solve_level`.
+
+Level ``L-1`` (coarsest) is solved first. Every finer level warps its moving features by the
+field found so far (upsampled), solves the residual, integrates it by scaling and squaring and
+composes it with that field. Each level searches +-k voxels, so the reach is about
+``k (2^L - 1)`` voxels of level 0 (31 for the defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from voxelopt.config import VoxelOptConfig
+from voxelopt.solver import LevelResult, solve_level
+from voxelopt.transform import (
+    compose,
+    integrate_velocity,
+    pyramid_shapes,
+    resize_displacement,
+    resize_volume,
+    warp,
+)
+
+__all__ = ["VoxelOpt", "VoxelOptResult", "check_feature_pair"]
+
+
+@dataclass
+class VoxelOptResult:
+    """Output of :meth:`VoxelOpt.solve`.
+
+    Attributes:
+        displacement: ``(B, 3, D, H, W)`` in voxels of level 0; ``moved = warp(moving, u)``.
+        levels: per level, finest first, the :class:`~voxelopt.solver.LevelResult` (velocity,
+            entropy and sigma on that level's grid).
+    """
+
+    displacement: Tensor
+    levels: list[LevelResult] = field(default_factory=list)
+
+    @property
+    def entropy(self) -> Tensor:
+        """``(B, 1, D, H, W)`` displacement entropy of the finest level."""
+        return self.levels[0].entropy
+
+    @property
+    def sigma(self) -> Tensor:
+        """``(B, 1, D, H, W)`` blur strength (voxels) of the finest level."""
+        return self.levels[0].sigma
+
+
+def check_feature_pair(fixed: Tensor, moving: Tensor) -> None:
+    """Raise a one-line ``ValueError``/``TypeError`` unless the pair can be registered."""
+    for name, t in (("fixed", fixed), ("moving", moving)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} features must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 5:
+            raise ValueError(f"{name} features must be (B, C, D, H, W), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} features must be floating point, got {t.dtype}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} features are empty: {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} features contain NaN or Inf values")
+    if fixed.shape != moving.shape:
+        raise ValueError(
+            f"fixed and moving features differ in shape: {tuple(fixed.shape)} vs "
+            f"{tuple(moving.shape)}"
+        )
+    if fixed.device != moving.device:
+        raise ValueError(f"fixed is on {fixed.device} but moving is on {moving.device}")
+
+
+class VoxelOpt(nn.Module):
+    """VoxelOpt: entropy-adaptive discrete registration on a feature pyramid.
+
+    The module has no parameters; it is differentiable end to end with
+    ``config.argmin == "soft"`` (with the hard argmin, gradients still reach the features
+    through the entropy-dependent smoothing weights, but not through the choice of offsets).
+
+    Args:
+        config: the solver configuration; keyword overrides are applied on top of it.
+
+    Example:
+        >>> solver = VoxelOpt(levels=3)
+        >>> fixed, moving = torch.rand(1, 4, 16, 16, 16), torch.rand(1, 4, 16, 16, 16)
+        >>> solver(fixed, moving).shape
+        torch.Size([1, 3, 16, 16, 16])
+    """
+
+    def __init__(self, config: VoxelOptConfig | None = None, **overrides) -> None:
+        super().__init__()
+        config = config or VoxelOptConfig()
+        self.config = config.replace(**overrides) if overrides else config
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"levels={c.levels}, kernel_size={c.kernel_size}, argmin={c.argmin!r}, "
+            f"adaptive={c.adaptive}, prefilter_cost={c.prefilter_cost}"
+        )
+
+    def forward(self, fixed: Tensor, moving: Tensor) -> Tensor:
+        """Register moving features onto fixed features.
+
+        Args:
+            fixed: ``(B, C, D, H, W)`` fixed features.
+            moving: ``(B, C, D, H, W)`` moving features on the same grid.
+
+        Returns:
+            ``(B, 3, D, H, W)`` displacement in voxels: ``warp(moving, u)`` matches ``fixed``.
+        """
+        return self.solve(fixed, moving).displacement
+
+    def solve(self, fixed: Tensor, moving: Tensor) -> VoxelOptResult:
+        """Like :meth:`forward`, also returning each level's entropy and sigma maps."""
+        check_feature_pair(fixed, moving)
+        cfg = self.config
+        shapes = pyramid_shapes(fixed.shape[2:], cfg.levels)
+        fixed_pyramid, moving_pyramid = [fixed], [moving]
+        for shape in shapes[1:]:
+            fixed_pyramid.append(resize_volume(fixed_pyramid[-1], shape))
+            moving_pyramid.append(resize_volume(moving_pyramid[-1], shape))
+
+        levels: list[LevelResult] = []
+        phi: Tensor | None = None
+        for level in reversed(range(cfg.levels)):
+            fixed_l, moving_l = fixed_pyramid[level], moving_pyramid[level]
+            if phi is not None:
+                phi = resize_displacement(phi, shapes[level])
+                moving_l = warp(moving_l, phi, padding_mode=cfg.feature_padding)
+            result = solve_level(fixed_l, moving_l, cfg)
+            residual = integrate_velocity(result.velocity, cfg.integration_steps, cfg.field_padding)
+            phi = residual if phi is None else compose(residual, phi, cfg.field_padding)
+            levels.insert(0, result)
+        assert phi is not None
+        return VoxelOptResult(displacement=phi, levels=levels)
