@@ -76,4 +76,3 @@ def sigma_map(
         high = _per_sample(entropy, torch.max)
         return alpha * torch.log(entropy / high.clamp(min=_EPS) + 1.0)
     raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}")
-
