@@ -10,7 +10,8 @@ registration", IEEE TMI 2024), written from the published description:
 3. Discrete SSD cost volume on the coarse grid over every integer offset in
    ``{-r..r}^3`` coarse voxels (``r = search_radius = 4``, 729 offsets).
 4. Coupled convex optimisation: the argmin of the cost gives ``v``; then, for a rising
-   coupling schedule ``lambda``, ``u = smooth(v)`` and ``v = argmin_o C(x, o) + lambda ||o - u||^2``.
+   coupling schedule ``lambda``, ``u = smooth(v)`` and
+   ``v = argmin_o C(x, o) + lambda ||o - u||^2``.
 5. Both directions (fixed -> moving and moving -> fixed) and iterative inverse consistency.
 6. The coarse field is upsampled to a grid of spacing ``adam_grid_spacing`` (2) and refined
    by Adam (lr 1, 80 iterations) on MIND similarity (channel-summed SSD) plus a diffusion
@@ -104,8 +105,14 @@ class ConvexAdamConfig:
             raise ValueError(
                 f"window_low must be < window_high, got {self.window_low} and {self.window_high}"
             )
-        positive_ints = ("mind_radius", "mind_dilation", "grid_spacing", "search_radius",
-                         "smoothing_kernel", "adam_grid_spacing")
+        positive_ints = (
+            "mind_radius",
+            "mind_dilation",
+            "grid_spacing",
+            "search_radius",
+            "smoothing_kernel",
+            "adam_grid_spacing",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -266,7 +273,7 @@ def rescale_cell_field(disp: Tensor, from_spacing: int, to_spacing: int, size) -
         ``(B, 3, m_1, m_2, m_3)`` in voxels of the target grid.
     """
     size = tuple(int(s) for s in size)
-    for n, m in zip(disp.shape[2:], size):
+    for n, m in zip(disp.shape[2:], size, strict=True):
         if n * from_spacing != m * to_spacing:
             raise ValueError(
                 f"grids of extents {tuple(disp.shape[2:])} x {from_spacing} and {size} x "
@@ -393,7 +400,7 @@ class ConvexAdam(nn.Module):
         unit = math.lcm(c.grid_spacing, c.adam_grid_spacing)
         padded = [-(-n // unit) * unit for n in shape]
         pad = []
-        for n, p in zip(reversed(shape), reversed(padded)):
+        for n, p in zip(reversed(shape), reversed(padded), strict=True):
             pad += [0, p - n]
         with torch.no_grad():
             fixed_f = F.pad(self.features(fixed_hu), pad, mode="replicate")
@@ -406,7 +413,12 @@ class ConvexAdam(nn.Module):
             moving_a = F.avg_pool3d(moving_f, a)
         if c.adam_iterations > 0:
             disp = instance_optimise(
-                fixed_a, moving_a, disp, c.adam_iterations, c.adam_lr, c.diffusion_weight,
+                fixed_a,
+                moving_a,
+                disp,
+                c.adam_iterations,
+                c.adam_lr,
+                c.diffusion_weight,
                 c.adam_smoothing,
             )
         with torch.no_grad():

@@ -117,7 +117,9 @@ class VoxelMorph(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(integration_steps, int) or integration_steps < 0:
-            raise ValueError(f"integration_steps must be an integer >= 0, got {integration_steps!r}")
+            raise ValueError(
+                f"integration_steps must be an integer >= 0, got {integration_steps!r}"
+            )
         if not isinstance(int_downsize, int) or int_downsize < 1:
             raise ValueError(f"int_downsize must be an integer >= 1, got {int_downsize!r}")
         if not init_std >= 0:
