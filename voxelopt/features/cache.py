@@ -34,9 +34,10 @@ class CachedExtractor(FeatureExtractor):
 
     ``forward(image, key)`` returns the stored features when ``key`` was seen with an image of
     the same shape, dtype and device; otherwise it runs the extractor and stores the result.
-    ``key=None`` bypasses the cache; a path (``str``/``PathLike``) is turned into
-    :func:`file_key` so an edited file is recomputed. Results that require gradients (a
-    trainable extractor) are never stored: caching them would freeze the training signal.
+    ``key=None`` bypasses the cache; a ``pathlib.Path`` (any ``os.PathLike``) is turned into
+    :func:`file_key` so an edited file is recomputed (a ``str`` is an explicit key, not a
+    path). Results that require gradients (a trainable extractor) are never stored: caching
+    them would freeze the training signal.
 
     Args:
         extractor: the extractor to wrap (its ``out_channels``/``pair_normalize`` are copied).
@@ -65,8 +66,8 @@ class CachedExtractor(FeatureExtractor):
 
         Args:
             image_hu: ``(B, 1, D, H, W)`` Hounsfield units.
-            key: hashable identity of the image (e.g. an explicit name), a file path, or
-                ``None`` to bypass the cache.
+            key: hashable identity of the image (e.g. an explicit name), a ``Path`` of the
+                file it was read from, or ``None`` to bypass the cache.
 
         Returns:
             ``(B, C, D, H, W)`` features.
@@ -74,7 +75,7 @@ class CachedExtractor(FeatureExtractor):
         image_hu = check_image(image_hu)
         if key is None:
             return self.extractor.extract(image_hu)
-        if isinstance(key, (str, os.PathLike)):
+        if isinstance(key, os.PathLike):
             key = file_key(key)
         try:
             hash(key)
