@@ -132,14 +132,17 @@ def load_universal_checkpoint(
 
     Raises:
         FileNotFoundError: if the file does not exist.
+        TypeError: if ``checkpoint`` is neither a path nor a dict.
         ValueError: if there is no ``"net"`` entry, or keys are missing or have other shapes
             (every offending key is listed).
     """
-    if not isinstance(checkpoint, Mapping):
+    if isinstance(checkpoint, (str, PathLike)):
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"Universal Model checkpoint not found at {path}")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    elif not isinstance(checkpoint, Mapping):
+        raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("net"), Mapping):
         raise ValueError("Universal Model checkpoint must be a dict with a 'net' state dict entry")
     state, ignored = {}, []
