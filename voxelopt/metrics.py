@@ -24,7 +24,6 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities.data import dim_zero_cat
 
 from voxelopt.io import atomic_output
 from voxelopt.transform import check_displacement
@@ -354,9 +353,10 @@ class RegistrationMetrics(Metric):
     """Per-pair registration scores, safe under DDP with uneven or repeated pairs.
 
     Each ``update`` stores one row per pair: its id (as fixed-length bytes, so it can be
-    gathered across ranks) and a float64 vector of scores. States are reduced with ``"cat"``;
+    gathered across ranks) and a float64 vector of scores, all in one flat float64 state
+    reduced with ``"cat"`` (a rank that saw no pair contributes an empty tensor).
     :meth:`compute` keeps the first row of every pair id, so a pair scored on two ranks (or
-    twice on one) counts once.
+    twice on one, e.g. a ``DistributedSampler`` padding an uneven split) counts once.
 
     Columns of a row: ``dice_<label>`` and ``hd95_<label>`` per label, ``dice`` and ``hd95``
     (means over the pair's labels), ``sdlogj_l2r``, ``sdlogj``, ``nonpositive_jacobian``,
@@ -391,8 +391,14 @@ class RegistrationMetrics(Metric):
             + ["dice", "hd95", "sdlogj_l2r", "sdlogj", "nonpositive_jacobian", "epe_mm"]
             + ["runtime_s"]
         )
-        self.add_state("pair_ids", default=[], dist_reduce_fx="cat")
-        self.add_state("values", default=[], dist_reduce_fx="cat")
+        # One flat float64 state (id bytes then scores, row after row): a single 1-D tensor
+        # per update gathers across ranks with uneven or empty lengths.
+        self.add_state("rows_flat", default=[], dist_reduce_fx="cat")
+        self.set_dtype(torch.float64)
+
+    @property
+    def _row_width(self) -> int:
+        return _ID_BYTES + len(self.columns)
 
     def update(
         self,
@@ -456,19 +462,18 @@ class RegistrationMetrics(Metric):
                     ),
                 ]
             )
-            self.pair_ids.append(_encode_id(pid).unsqueeze(0).to(self.device))
-            self.values.append(row.unsqueeze(0).to(self.device))
+            flat = torch.cat([_encode_id(pid).double(), row])
+            self.rows_flat.append(flat.to(self.device))
 
     def _unique_rows(self) -> tuple[list[str], Tensor]:
-        if isinstance(self.values, list) and not self.values:
-            return [], torch.empty(0, len(self.columns), dtype=torch.float64)
-        ids = dim_zero_cat(self.pair_ids).cpu()
-        vals = dim_zero_cat(self.values).cpu().double()
-        seen: dict[str, int] = {}
-        for k in range(ids.shape[0]):
-            seen.setdefault(_decode_id(ids[k]), k)
-        names = list(seen)
-        return names, vals[list(seen.values())]
+        flat = self.rows_flat
+        if isinstance(flat, list):
+            flat = torch.cat(flat) if flat else torch.empty(0, dtype=torch.float64)
+        table = flat.detach().cpu().double().reshape(-1, self._row_width)
+        first: dict[str, int] = {}
+        for k in range(table.shape[0]):
+            first.setdefault(_decode_id(table[k, :_ID_BYTES].to(torch.uint8)), k)
+        return list(first), table[list(first.values()), _ID_BYTES:]
 
     def rows(self) -> list[dict[str, float | str]]:
         """One dict per unique pair (first occurrence kept): ``{"pair": id, column: value}``."""
