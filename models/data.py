@@ -41,14 +41,21 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from voxelopt.transform import resize_volume
+from voxelopt.io import Volume, load_labels, load_volume
+from voxelopt.paths import abdomen_ct_dir
+from voxelopt.phantom import make_pair, random_smooth_displacement
+from voxelopt.transform import resize_volume, warp
 
 __all__ = [
     "AbdomenCTDataModule",
+    "PairDataModule",
     "PairDataset",
     "Subject",
+    "SyntheticPairDataModule",
+    "SyntheticPairDataset",
     "find_subjects",
     "load_subject",
+    "prepare_volume",
     "validate_subjects",
 ]
 
@@ -235,18 +242,6 @@ def _resize_labels(label: Tensor, size: Sequence[int]) -> Tensor:
     return label
 
 
-def _read_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Array in RAS+ order and its voxel sizes (mm)."""
-    try:
-        img = nib.as_closest_canonical(nib.load(str(path)))
-        data = np.asanyarray(img.dataobj)
-    except Exception as err:
-        raise ValueError(f"file {path} is not a readable NIfTI: {err}") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    return data, np.asarray(img.header.get_zooms()[:3], dtype=np.float32)
-
-
 def load_subject(
     subject: Subject, downsample: int = 1, clip_hu: tuple[float, float] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,26 +257,53 @@ def load_subject(
         ``image (1, D, H, W)`` float32 HU, ``label (1, D, H, W)`` int64 and ``spacing (3,)``
         float32 in mm of the returned grid.
     """
-    image, spacing = _read_canonical(subject.image)
-    label, _ = _read_canonical(subject.label)
+    image, label = load_volume(subject.image), load_labels(subject.label)
+    return prepare_volume(image, label, downsample, clip_hu)
+
+
+def prepare_volume(
+    image: Volume,
+    label: Volume,
+    downsample: int = 1,
+    clip_hu: tuple[float, float] | None = None,
+    size: Sequence[int] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Bring a loaded CT and its labels onto the working grid as tensors.
+
+    Args:
+        image: CT volume (HU, RAS+).
+        label: its label map on the same grid.
+        downsample: integer factor; each size ``n`` becomes ``n // downsample``.
+        clip_hu: optional ``(low, high)`` HU window.
+        size: exact ``(D, H, W)`` to resample to instead (applied after ``downsample``).
+
+    Returns:
+        ``image (1, D, H, W)`` float32, ``label (1, D, H, W)`` int64, ``spacing (3,)`` mm.
+    """
     if image.shape != label.shape:
         raise ValueError(
-            f"label {subject.label} has shape {label.shape} but its image has {image.shape}"
+            f"label {label.path} has shape {label.shape} but its image {image.path} has "
+            f"{image.shape}"
         )
-    if not np.isfinite(image).all():
-        raise ValueError(f"image file {subject.image} contains NaN or infinite values")
-    image_t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    label_t = torch.from_numpy(np.ascontiguousarray(np.rint(label), dtype=np.int64))[None]
-    spacing_t = torch.from_numpy(spacing.copy())
+    image_t = torch.from_numpy(np.ascontiguousarray(image.data, dtype=np.float32))[None]
+    label_t = torch.from_numpy(np.ascontiguousarray(label.data, dtype=np.int64))[None]
+    spacing_t = torch.tensor(image.spacing, dtype=torch.float64)
     if clip_hu is not None:
         image_t = image_t.clamp(float(clip_hu[0]), float(clip_hu[1]))
+    targets = []
     if downsample != 1:
+        targets.append([max(n // downsample, 1) for n in image_t.shape[1:]])
+    if size is not None:
+        if len(size) != 3 or any(int(n) < 2 for n in size):
+            raise ValueError(f"size must be 3 integers >= 2, got {size!r}")
+        targets.append([int(n) for n in size])
+    for target in targets:
         old = image_t.shape[1:]
-        size = [max(n // downsample, 1) for n in old]
-        image_t = resize_volume(image_t[None], size)[0]
-        label_t = _resize_labels(label_t, size)
+        image_t = resize_volume(image_t[None], target)[0]
+        label_t = _resize_labels(label_t, target)
         spacing_t = spacing_t * torch.tensor(
-            [(n - 1) / (m - 1) if m > 1 else float(n) for n, m in zip(old, size, strict=True)]
+            [(n - 1) / (m - 1) if m > 1 else float(n) for n, m in zip(old, target, strict=True)],
+            dtype=torch.float64,
         )
     return image_t, label_t, spacing_t.float()
 
@@ -475,3 +497,202 @@ class AbdomenCTDataModule(PairDataModule):
         validate_subjects([s for split in subjects.values() for s in split], full=self.full_check)
         for split, subs in subjects.items():
             self.datasets[split] = PairDataset(subs, self.downsample, self.clip_hu, self.cache)
+
+
+# --------------------------------------------------------------------------- synthetic pairs
+class SyntheticPairDataset(Dataset):
+    """Pairs made from real volumes by known random smooth deformations and intensity changes.
+
+    Pair ``i`` uses base volume ``i % len(volumes)`` and the seed ``seed + i``, so it is the
+    same on every call, worker and rank. The moving image is the base volume (optionally
+    pre-deformed by a second random field, so that the moving images differ too) with a smooth
+    intensity bias and noise; the fixed image is the moving one warped by the true field
+    (:func:`voxelopt.phantom.make_pair`), kept as ``true_disp`` for the endpoint error.
+
+    Args:
+        volumes: ``(image (1, D, H, W) HU, label (1, D, H, W), spacing (3,) mm)`` per base
+            volume, as :func:`prepare_volume` returns.
+        num_pairs: number of pairs.
+        seed: seed of pair 0.
+        max_displacement_mm: largest displacement of the true field.
+        control_spacing_mm: control-point distance of the random fields (organ scale).
+        moving_displacement_mm: largest displacement of the moving image's pre-deformation
+            (0 keeps the base volume as the moving image).
+        intensity_change: add a smooth bias and noise to the moving image.
+        bias_hu: amplitude of the smooth intensity bias.
+        noise_hu: standard deviation of the noise.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[tuple[Tensor, Tensor, Tensor]],
+        num_pairs: int,
+        seed: int = 0,
+        max_displacement_mm: float = 15.0,
+        control_spacing_mm: float = 40.0,
+        moving_displacement_mm: float = 0.0,
+        intensity_change: bool = True,
+        bias_hu: float = 30.0,
+        noise_hu: float = 10.0,
+    ) -> None:
+        if not volumes:
+            raise ValueError("volumes is empty: synthetic pairs need at least one base volume")
+        if num_pairs < 1:
+            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+        for name, value in (
+            ("max_displacement_mm", max_displacement_mm),
+            ("moving_displacement_mm", moving_displacement_mm),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        self.volumes = list(volumes)
+        self.num_pairs = num_pairs
+        self.seed = seed
+        self.max_displacement_mm = float(max_displacement_mm)
+        self.control_spacing_mm = float(control_spacing_mm)
+        self.moving_displacement_mm = float(moving_displacement_mm)
+        self.intensity_change = intensity_change
+        self.bias_hu = float(bias_hu)
+        self.noise_hu = float(noise_hu)
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_pairs:
+            raise IndexError(f"pair index {index} out of range [0, {self.num_pairs})")
+        image, label, spacing = self.volumes[index % len(self.volumes)]
+        seed = self.seed + index
+        spacing_mm = tuple(float(s) for s in spacing)
+        if self.moving_displacement_mm > 0:
+            pre = random_smooth_displacement(
+                image.shape[1:],
+                self.moving_displacement_mm,
+                control_spacing=self.control_spacing_mm,
+                seed=-1 - seed,  # a stream of its own, disjoint from the pair seeds
+                diffeomorphic=True,
+                spacing=spacing_mm,
+            )
+            image = warp(image[None], pre, padding_mode="border")[0]
+            label = warp(label[None], pre, mode="nearest", padding_mode="border")[0]
+        pair = make_pair(
+            image[0],
+            label[0],
+            self.max_displacement_mm,
+            spacing_mm,
+            seed=seed,
+            intensity_change=self.intensity_change,
+            control_spacing_mm=self.control_spacing_mm,
+            bias_hu=self.bias_hu,
+            noise_hu=self.noise_hu,
+        )
+        return {
+            "fixed": pair.fixed_hu[0],
+            "moving": pair.moving_hu[0],
+            "fixed_label": pair.fixed_labels[0],
+            "moving_label": pair.moving_labels[0],
+            "spacing": spacing.float(),
+            "true_disp": pair.displacement[0],
+            "pair_id": index,
+            "pair": f"syn{seed}",
+        }
+
+
+class SyntheticPairDataModule(PairDataModule):
+    """Synthetic registration pairs of one or more real CTs (default: the shared CT).
+
+    Train, validation and test pairs use disjoint seeds (``seed``, ``seed + 100000``,
+    ``seed + 200000`` onwards), so validation and test deformations are held out.
+
+    Args:
+        images: CT files (HU); default the shared ``ct.nii.gz`` (``voxelopt.paths``).
+        labels: their label files, one per image; default the shared 13-organ labels.
+        downsample: integer grid reduction of the base volumes (2: the 3 mm CT at ~6 mm).
+        size: exact ``(D, H, W)`` to resample the base volumes to (after ``downsample``),
+            e.g. ``[32, 32, 32]`` for tests.
+        clip_hu: optional ``(low, high)`` HU window applied to the base volumes.
+        num_train: training pairs.
+        num_val: validation pairs.
+        num_test: test pairs.
+        seed: base seed.
+        max_displacement_mm: largest displacement of each true field.
+        control_spacing_mm: control-point distance of the random fields.
+        moving_displacement_mm: pre-deformation of each moving image (0: none).
+        intensity_change: smooth bias and noise on the moving images.
+        batch_size: pairs per training batch.
+        num_workers: DataLoader workers.
+    """
+
+    _SEED_STRIDE = 100_000
+
+    def __init__(
+        self,
+        images: list[str] | None = None,
+        labels: list[str] | None = None,
+        downsample: int = 2,
+        size: list[int] | None = None,
+        clip_hu: tuple[float, float] | None = None,
+        num_train: int = 16,
+        num_val: int = 4,
+        num_test: int = 4,
+        seed: int = 0,
+        max_displacement_mm: float = 15.0,
+        control_spacing_mm: float = 40.0,
+        moving_displacement_mm: float = 0.0,
+        intensity_change: bool = True,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, num_workers)
+        if (images is None) != (labels is None):
+            raise ValueError("give both images and labels, or neither (the shared CT)")
+        if images is None:
+            folder = abdomen_ct_dir()
+            images, labels = [str(folder / "ct.nii.gz")], [str(folder / "labels_btcv13.nii.gz")]
+        if len(images) != len(labels) or not images:
+            raise ValueError(
+                f"images and labels must be non-empty and of equal length, got "
+                f"{len(images)} and {len(labels)}"
+            )
+        if not isinstance(downsample, int) or downsample < 1:
+            raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
+        counts = {"num_train": num_train, "num_val": num_val, "num_test": num_test}
+        for name, value in counts.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.images = [Path(p) for p in images]
+        self.labels = [Path(p) for p in labels]
+        self.downsample = downsample
+        self.size = size
+        self.clip_hu = clip_hu
+        self.counts = {"train": num_train, "val": num_val, "test": num_test}
+        self.seed = seed
+        self.pair_kwargs = {
+            "max_displacement_mm": max_displacement_mm,
+            "control_spacing_mm": control_spacing_mm,
+            "moving_displacement_mm": moving_displacement_mm,
+            "intensity_change": intensity_change,
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check and load the base volumes, then build the three pair datasets."""
+        if self.datasets:
+            return
+        subjects = [
+            Subject(i, image, label)
+            for i, (image, label) in enumerate(zip(self.images, self.labels, strict=True))
+        ]
+        validate_subjects(subjects)
+        volumes = [
+            prepare_volume(
+                load_volume(s.image), load_labels(s.label), self.downsample, self.clip_hu, self.size
+            )
+            for s in subjects
+        ]
+        for k, split in enumerate(("train", "val", "test")):
+            self.datasets[split] = SyntheticPairDataset(
+                volumes,
+                self.counts[split],
+                seed=self.seed + k * self._SEED_STRIDE,
+                **self.pair_kwargs,
+            )

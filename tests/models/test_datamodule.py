@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import AbdomenCTDataModule, PairDataset, find_subjects, load_subject
+from models.data import (
+    AbdomenCTDataModule,
+    PairDataset,
+    SyntheticPairDataModule,
+    find_subjects,
+    load_subject,
+)
+from voxelopt.transform import warp
 
 
 @pytest.mark.parametrize("layout", ["paper", "l2r"])
@@ -156,3 +163,87 @@ def test_pair_dataset_index_error(paper_dir):
     assert len(ds) == 2
     with pytest.raises(IndexError):
         ds[2]
+
+
+# ------------------------------------------------------------------ synthetic pairs
+@pytest.fixture
+def base_volume(tmp_path, fake_data):
+    rng = np.random.default_rng(0)
+    image = rng.normal(0, 200, (14, 12, 10)).astype(np.float32)
+    label = np.zeros((14, 12, 10), np.uint8)
+    label[3:10, 3:9, 2:8] = 6
+    image_path = fake_data.write_volume(tmp_path / "ct.nii.gz", image, spacing=(3.0, 3.0, 3.0))
+    label_path = fake_data.write_volume(tmp_path / "lab.nii.gz", label, spacing=(3.0, 3.0, 3.0))
+    return [str(image_path)], [str(label_path)]
+
+
+def synthetic(base_volume, **kwargs):
+    images, labels = base_volume
+    kwargs = {"downsample": 1, "num_train": 3, "num_val": 2, "num_test": 2, **kwargs}
+    dm = SyntheticPairDataModule(images, labels, **kwargs)
+    dm.setup()
+    return dm
+
+
+def test_synthetic_deterministic_and_held_out(base_volume):
+    a, b = synthetic(base_volume), synthetic(base_volume)
+    first = a.datasets["val"][1]
+    for key in ("fixed", "moving", "true_disp", "fixed_label"):
+        torch.testing.assert_close(first[key], b.datasets["val"][1][key], rtol=0, atol=0)
+    names = {s: [a.datasets[s][i]["pair"] for i in range(len(a.datasets[s]))] for s in a.datasets}
+    assert not set(names["train"]) & set(names["val"]) and not set(names["val"]) & set(
+        names["test"]
+    )
+    assert not torch.equal(a.datasets["train"][0]["true_disp"], first["true_disp"])
+    assert first["true_disp"].abs().max() > 0.5  # 15 mm at 3 mm voxels
+
+
+@pytest.mark.parametrize("moving_mm", [0.0, 6.0])
+def test_synthetic_true_field_maps_moving_onto_fixed(base_volume, moving_mm):
+    dm = synthetic(base_volume, intensity_change=False, moving_displacement_mm=moving_mm)
+    sample = dm.datasets["train"][2]
+    moved = warp(sample["moving"][None], sample["true_disp"][None], padding_mode="border")[0]
+    torch.testing.assert_close(moved, sample["fixed"], rtol=0, atol=1e-3)
+    assert sample["fixed"].shape == (1, 14, 12, 10) and sample["true_disp"].shape == (3, 14, 12, 10)
+
+
+def test_synthetic_size_intensity_and_batches(base_volume):
+    dm = synthetic(base_volume, size=[8, 8, 8], batch_size=2)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["fixed"].shape == (2, 1, 8, 8, 8) and batch["true_disp"].shape == (2, 3, 8, 8, 8)
+    torch.testing.assert_close(batch["spacing"][0], torch.tensor([39 / 7, 33 / 7, 27 / 7]))
+    clean = synthetic(base_volume, size=[8, 8, 8], intensity_change=False).datasets["train"][0]
+    noisy = dm.datasets["train"][0]
+    torch.testing.assert_close(noisy["fixed"], clean["fixed"])  # the fixed image is untouched
+    assert (noisy["moving"] - clean["moving"]).abs().mean() > 1.0
+
+
+def test_synthetic_shared_ct_default(ct_dir):
+    dm = SyntheticPairDataModule(num_train=1, num_val=1, num_test=1, size=[16, 16, 16])
+    dm.setup()
+    sample = dm.datasets["test"][0]
+    assert sample["fixed"].shape == (1, 16, 16, 16)
+    assert set(sample["moving_label"].unique().tolist()) > {0, 1, 6}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_val": 0}, "num_val"),
+        ({"downsample": 1.5}, "downsample"),
+        ({"size": [8, 8]}, "size"),
+        ({"max_displacement_mm": -1.0}, "max_displacement_mm"),
+    ],
+)
+def test_synthetic_bad_arguments(base_volume, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        synthetic(base_volume, **kwargs)
+
+
+def test_synthetic_missing_file_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.nii.gz"):
+        SyntheticPairDataModule(
+            [str(tmp_path / "nope.nii.gz")], [str(tmp_path / "l.nii.gz")]
+        ).setup()
+    with pytest.raises(ValueError, match="both images and labels"):
+        SyntheticPairDataModule(images=["a.nii.gz"])
