@@ -1,0 +1,157 @@
+"""elastix B-spline registration (through ``itk-elastix``) as a registration model.
+
+``itk-elastix`` is an optional extra (``pip install voxelopt[peers]``) imported only when the
+adapter runs. Both images are windowed and placed in ITK physical space with the fixed image's
+affine (:mod:`voxelopt.baselines.itk_space`); elastix registers them with its default B-spline
+parameter map (multi-resolution, Mattes mutual information + bending energy, adaptive
+stochastic gradient descent) and transformix writes the physical deformation field on the fixed
+grid, which is turned into our displacement (voxels of the fixed grid,
+``moved(x) = moving(x + u(x))``).
+
+ITK's numpy bridge reverses axes (``array[k, j, i]`` is index ``(i, j, k)``); our arrays are
+transposed on the way in and out so that ITK index ``c`` is our axis ``c``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from voxelopt.baselines.itk_space import ItkGeometry, check_affine, physical_to_voxel_displacement
+from voxelopt.features.base import check_image
+from voxelopt.features.intensity import DEFAULT_WINDOW, window
+
+__all__ = ["ElastixBSpline", "elastix_available"]
+
+INSTALL_HINT = "pip install voxelopt[peers]"
+
+
+def _import_itk():
+    try:
+        import itk
+
+        itk.ElastixRegistrationMethod  # noqa: B018 (the lazy attribute fails without itk-elastix)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"elastix B-spline needs the itk-elastix package ({exc}): {INSTALL_HINT}"
+        ) from None
+    return itk
+
+
+def elastix_available() -> tuple[bool, str]:
+    """Whether ``itk-elastix`` imports; the reason when it does not."""
+    try:
+        _import_itk()
+    except ImportError as exc:
+        return False, str(exc)
+    return True, ""
+
+
+class ElastixBSpline(nn.Module):
+    """elastix B-spline registration as a registration model (CPU, no gradients).
+
+    Args:
+        affine: ``(4, 4)`` voxel -> RAS+ mm matrix of the fixed grid (the moving image lies on
+            the same grid); ``None`` means 1 mm voxels.
+        grid_spacing_mm: final B-spline control-point spacing (mm).
+        resolutions: number of pyramid levels.
+        iterations: optimiser iterations per level.
+        parameters: further elastix parameters overriding the map, e.g.
+            ``{"Metric1Weight": ["10"]}``.
+        threads: elastix threads (``None``: all cores).
+        window_low: CT window lower bound (HU); images are windowed to ``[0, 1]`` first.
+        window_high: CT window upper bound (HU).
+    """
+
+    def __init__(
+        self,
+        affine=None,
+        grid_spacing_mm: float = 20.0,
+        resolutions: int = 3,
+        iterations: int = 256,
+        parameters: Mapping[str, Sequence[str] | str] | None = None,
+        threads: int | None = None,
+        window_low: float = DEFAULT_WINDOW[0],
+        window_high: float = DEFAULT_WINDOW[1],
+    ) -> None:
+        super().__init__()
+        self.geometry = ItkGeometry.from_affine(check_affine(affine))
+        if not grid_spacing_mm > 0:
+            raise ValueError(f"grid_spacing_mm must be > 0, got {grid_spacing_mm!r}")
+        for name, value in (("resolutions", resolutions), ("iterations", iterations)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        self.grid_spacing_mm = float(grid_spacing_mm)
+        self.resolutions = resolutions
+        self.iterations = iterations
+        self.parameters = {
+            str(k): [v] if isinstance(v, str) else [str(x) for x in v]
+            for k, v in (parameters or {}).items()
+        }
+        self.threads = threads
+        self.window = (float(window_low), float(window_high))
+
+    def parameter_object(self, itk):
+        """The elastix parameter object (one B-spline map with this adapter's settings)."""
+        po = itk.ParameterObject.New()
+        pmap = po.GetDefaultParameterMap("bspline", self.resolutions, self.grid_spacing_mm)
+        pmap["MaximumNumberOfIterations"] = [str(self.iterations)]
+        pmap["WriteResultImage"] = ["false"]
+        for key, value in self.parameters.items():
+            pmap[key] = value
+        po.AddParameterMap(pmap)
+        return po
+
+    def _image(self, itk, array: np.ndarray):
+        g = self.geometry
+        image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0), np.float32))
+        image.SetOrigin([float(v) for v in g.origin])
+        image.SetSpacing([float(v) for v in g.spacing])
+        image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(g.direction)))
+        return image
+
+    def register_arrays(self, fixed: np.ndarray, moving: np.ndarray) -> Tensor:
+        """Register two ``(D, H, W)`` arrays (already windowed) on the fixed grid.
+
+        Returns:
+            ``(1, 3, D, H, W)`` float32 displacement in voxels of the fixed grid.
+        """
+        itk = _import_itk()
+        fixed_img, moving_img = self._image(itk, fixed), self._image(itk, moving)
+        kwargs = {"log_to_console": False}
+        if self.threads is not None:
+            kwargs["number_of_threads"] = self.threads
+        _, transform = itk.elastix_registration_method(
+            fixed_img, moving_img, parameter_object=self.parameter_object(itk), **kwargs
+        )
+        field = itk.transformix_deformation_field(moving_img, transform)
+        field = np.asarray(itk.array_from_image(field)).transpose(2, 1, 0, 3)
+        return physical_to_voxel_displacement(field, self.geometry)
+
+    def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
+        """Register ``moving_hu`` to ``fixed_hu`` (each batch element separately).
+
+        Args:
+            fixed_hu: ``(B, 1, D, H, W)`` Hounsfield units.
+            moving_hu: ``(B, 1, D, H, W)`` Hounsfield units on the same grid.
+
+        Returns:
+            ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid, on the input's
+            device and dtype.
+        """
+        fixed_hu = check_image(fixed_hu, "fixed_hu")
+        moving_hu = check_image(moving_hu, "moving_hu")
+        if fixed_hu.shape != moving_hu.shape:
+            raise ValueError(
+                f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
+                f"{tuple(moving_hu.shape)}"
+            )
+        fixed = window(fixed_hu.detach(), *self.window).cpu().double().numpy()
+        moving = window(moving_hu.detach(), *self.window).cpu().double().numpy()
+        out = [self.register_arrays(f[0], m[0]) for f, m in zip(fixed, moving, strict=True)]
+        return torch.cat(out).to(device=fixed_hu.device, dtype=fixed_hu.dtype)

@@ -1,0 +1,94 @@
+"""Our RAS+ voxel arrays <-> ITK physical space (LPS), for the ANTs and elastix adapters.
+
+Our volumes are ``(D, H, W)`` arrays with a voxel -> world affine ``A`` in RAS+ millimetres.
+ITK (hence ANTs and elastix) places images in LPS: ``p_LPS = diag(-1, -1, 1) p_RAS``. An ITK
+image whose index ``(i, j, k)`` is our voxel ``(i, j, k)`` therefore has
+
+* origin ``= F A[:3, 3]``, spacing ``s_c = ||L[:, c]||``, direction ``= L / s`` (columns),
+
+with ``F = diag(-1, -1, 1)`` and ``L = F A[:3, :3]``. A registration of ITK images returns a
+transform ``T`` from fixed to moving physical points (ITK resamples ``moving(T(p))``), i.e. our
+convention once expressed in voxels: ``u(x) = L^{-1} (T(p(x)) - p(x))`` where ``T(p) - p`` is
+the physical (LPS) displacement ITK writes as a deformation field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["ItkGeometry", "check_affine", "physical_to_voxel_displacement"]
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def check_affine(affine, name: str = "affine") -> np.ndarray:
+    """Validate a ``(4, 4)`` voxel -> RAS+ mm matrix (``None`` means 1 mm, origin 0).
+
+    Returns:
+        ``(4, 4)`` float64 array.
+    """
+    if affine is None:
+        return np.eye(4)
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValueError(f"{name} must be a (4, 4) voxel-to-world matrix, got shape {a.shape}")
+    if not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError(f"{name} must be finite and invertible, got {a.tolist()}")
+    return a
+
+
+@dataclass(frozen=True)
+class ItkGeometry:
+    """ITK geometry (LPS) of an array indexed like ours.
+
+    Attributes:
+        origin: physical position (mm, LPS) of voxel ``(0, 0, 0)``.
+        spacing: voxel size (mm) along index axes 0, 1, 2.
+        direction: ``(3, 3)`` matrix whose column ``c`` is the unit LPS direction of axis ``c``.
+        linear: ``(3, 3)`` ``direction @ diag(spacing)``, voxel steps -> LPS mm.
+    """
+
+    origin: np.ndarray
+    spacing: np.ndarray
+    direction: np.ndarray
+    linear: np.ndarray
+
+    @classmethod
+    def from_affine(cls, affine) -> ItkGeometry:
+        """Geometry of a RAS+ voxel -> world ``(4, 4)`` matrix (``None``: 1 mm, origin 0)."""
+        a = check_affine(affine)
+        linear = RAS_TO_LPS @ a[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        return cls(
+            origin=RAS_TO_LPS @ a[:3, 3],
+            spacing=spacing,
+            direction=linear / spacing,
+            linear=linear,
+        )
+
+    def voxel_to_physical(self, index: np.ndarray) -> np.ndarray:
+        """``(..., 3)`` voxel indices -> ``(..., 3)`` LPS points (mm)."""
+        return np.asarray(index, dtype=np.float64) @ self.linear.T + self.origin
+
+
+def physical_to_voxel_displacement(disp_lps: np.ndarray, geometry: ItkGeometry) -> Tensor:
+    """Turn an ITK deformation field into our displacement.
+
+    Args:
+        disp_lps: ``(D, H, W, 3)`` physical displacement ``T(p) - p`` (mm, LPS components) at
+            every voxel of the fixed grid, indexed like our arrays.
+        geometry: the fixed image's :class:`ItkGeometry`.
+
+    Returns:
+        ``(1, 3, D, H, W)`` float32 displacement in voxels of the fixed grid,
+        ``moved(x) = moving(x + u(x))``.
+    """
+    d = np.asarray(disp_lps, dtype=np.float64)
+    if d.ndim != 4 or d.shape[-1] != 3:
+        raise ValueError(f"disp_lps must be (D, H, W, 3), got shape {d.shape}")
+    vox = d @ np.linalg.inv(geometry.linear).T
+    return torch.from_numpy(np.ascontiguousarray(vox.transpose(3, 0, 1, 2))).float()[None]
