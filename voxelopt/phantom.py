@@ -257,7 +257,8 @@ def make_pair(
 
     The given image is the moving image; the fixed image is it warped by the true field
     ``u``: ``fixed_hu = warp(hu, u)`` (trilinear, border padding) and
-    ``fixed_labels = warp(labels, u, "nearest")``. With ``intensity_change`` the moving image
+    ``fixed_labels = warp(labels, u, "nearest")`` (exact copies when
+    ``max_displacement_mm == 0``). With ``intensity_change`` the moving image
     additionally gets a smooth additive bias (up to ``bias_hu``) inside the body (> -500 HU)
     and white noise (``noise_hu``), drawn from the same seed.
 
@@ -294,8 +295,11 @@ def make_pair(
         diffeomorphic=diffeomorphic,
         spacing=spacing,
     )
-    fixed = warp(moving, disp, padding_mode="border")
-    fixed_labels = warp(moving_labels, disp, mode="nearest", padding_mode="border")
+    if max_displacement_mm == 0:  # exact copies (a zero-field warp is only float-exact)
+        fixed, fixed_labels = moving.clone(), moving_labels.clone()
+    else:
+        fixed = warp(moving, disp, padding_mode="border")
+        fixed_labels = warp(moving_labels, disp, mode="nearest", padding_mode="border")
     moving_out = moving
     if intensity_change:
         bias = random_smooth_displacement(
