@@ -125,11 +125,15 @@ class ObeliskHybrid(nn.Module):
         self.batch7U = nn.BatchNorm3d(num_labels)
         self.conv77U = nn.Conv3d(num_labels, num_labels, 1)
         # fixed sampling grids of the two branches (not part of the state dict)
-        self.register_buffer("grid1", _regular_grid(self.quarter), persistent=False)
-        self.register_buffer("grid2", _regular_grid((s // 8, s // 4, s // 8)), persistent=False)
+        self.grid_shapes = {"1": self.quarter, "2": (s // 8, s // 4, s // 8)}
+        self.register_buffer("grid1", _regular_grid(self.grid_shapes["1"]), persistent=False)
+        self.register_buffer("grid2", _regular_grid(self.grid_shapes["2"]), persistent=False)
 
-    def _branch(self, image: Tensor, grid: Tensor, offset: Tensor, names: str, shape) -> Tensor:
-        """Sample ``image`` at ``grid + offset`` (channels = offsets) and run the dense block."""
+    def _branch(self, image: Tensor, branch: str) -> Tensor:
+        """Obelisk branch ``"1"`` or ``"2"``: sample ``image`` at the regular grid plus each
+        learned offset (channels = offsets), then the dense block of 1x1x1 convs."""
+        grid, offset = getattr(self, f"grid{branch}"), getattr(self, f"offset{branch}")
+        names, shape = branch, self.grid_shapes[branch]
         b = image.shape[0]
         pts = grid.expand(b, -1, -1, -1, -1) + offset  # (B, K, N, 1, 3)
         sampled = F.grid_sample(
@@ -154,12 +158,10 @@ class ObeliskHybrid(nn.Module):
         def up(x: Tensor, size) -> Tensor:
             return F.interpolate(x, size=size, mode="trilinear", align_corners=False)
 
-        s = OBELISK_SIZE
         smooth1 = F.avg_pool3d(image, 3, stride=1, padding=1)
         smooth2 = F.avg_pool3d(smooth1, 3, stride=1, padding=1)
-        b1 = up(self._branch(smooth1, self.grid1, self.offset1, "1", self.quarter), self.half)
-        b2 = self._branch(smooth2, self.grid2, self.offset2, "2", (s // 8, s // 4, s // 8))
-        b2 = up(b2, self.quarter)
+        b1 = up(self._branch(smooth1, "1"), self.half)
+        b2 = up(self._branch(smooth2, "2"), self.quarter)
 
         x1 = _lrelu(self.batch0(self.conv0(image)))
         x = _lrelu(self.batch1(self.conv1(x1)))
