@@ -119,6 +119,14 @@ def test_load_errors(tmp_path):
         load_labels(frac)
 
 
+def test_load_applies_scaling(tmp_path):
+    img = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), RAS)
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, str(tmp_path / "scaled.nii.gz"))
+    vol = load_volume(tmp_path / "scaled.nii.gz")
+    assert np.array_equal(vol.data, np.arange(24).reshape(2, 3, 4) * 2.0 - 1024.0)
+
+
 def test_load_squeezes_singleton_4d(tmp_path, rng):
     data = rng.normal(size=(4, 5, 6, 1)).astype(np.float32)
     vol = load_volume(_write(tmp_path / "s.nii.gz", data, RAS))

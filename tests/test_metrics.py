@@ -385,7 +385,8 @@ def test_registration_metrics_merged_ranks():
 
 def test_registration_metrics_empty_and_errors():
     m = RegistrationMetrics(labels=[1])
-    out = m.compute()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        out = m.compute()
     assert out["num_pairs"] == 0 and math.isnan(out["dice"])
     fixed, moved, disp, _ = _batch(3, b=2)
     with pytest.raises(ValueError, match="pair ids"):

@@ -135,7 +135,8 @@ def _read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, P
         shape = shape[:-1]
     if len(shape) != 3:
         raise ValueError(f"{path} must hold a 3D volume, got shape {img.shape}")
-    img = nib.Nifti1Image(np.asarray(img.dataobj).reshape(shape), img.affine)
+    if shape != img.shape:
+        img = nib.Nifti1Image(np.asarray(img.dataobj).reshape(shape), img.affine)
     ornt = io_orientation(img.affine)
     canon = nib.as_closest_canonical(img)
     try:

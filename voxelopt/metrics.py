@@ -179,6 +179,16 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
 
 
+def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    """Slices of the smallest box holding ``mask``, grown by ``margin`` inside the grid."""
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        box.append(slice(max(int(idx[0]) - margin, 0), int(idx[-1]) + margin + 1))
+    return tuple(box)
+
+
 def hd95(
     pred: ArrayLike,
     target: ArrayLike,
@@ -215,6 +225,10 @@ def hd95(
         if not (has_p and has_t):
             out[lab] = float("nan")
             continue
+        # Crop to the union's bounding box plus one voxel: distances to the (all enclosed)
+        # surface voxels and the erosion are unchanged, the transforms get much smaller.
+        box = _bounding_box(pm | tm)
+        pm, tm = pm[box], tm[box]
         sp, st = _surface(pm), _surface(tm)
         dist_to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
         dist_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
