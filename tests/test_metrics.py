@@ -343,6 +343,11 @@ def test_registration_metrics_per_pair_values():
     out = m.compute()
     assert out["num_pairs"] == 2
     assert out["runtime_s"] == pytest.approx(1.0)
+    # a per-batch spacing overrides the constructor's
+    other = RegistrationMetrics(labels=[1, 2, 3], spacing=1.0)
+    other.update(["a", "b"], moved, fixed, disp, true, spacing=(2.0, 2.0, 2.0))
+    assert other.rows()[0]["hd95"] == pytest.approx(rows[0]["hd95"])
+    assert other.rows()[0]["epe_mm"] == pytest.approx(rows[0]["epe_mm"])
     assert out["dice"] == pytest.approx((rows[0]["dice"] + rows[1]["dice"]) / 2)
 
 

@@ -422,6 +422,7 @@ class RegistrationMetrics(Metric):
         disp: Tensor,
         true_disp: Tensor | None = None,
         runtime_s: float | Sequence[float] | Tensor | None = None,
+        spacing: float | Sequence[float] | None = None,
     ) -> None:
         """Score a batch of registered pairs.
 
@@ -432,7 +433,9 @@ class RegistrationMetrics(Metric):
             disp: ``(B, 3, D, H, W)`` estimated displacement in voxels.
             true_disp: optional ``(B, 3, D, H, W)`` ground truth in voxels.
             runtime_s: optional seconds per pair (one number for all or ``B`` numbers).
+            spacing: voxel size in mm of this batch's grid (default: the constructor's).
         """
+        spacing = self.spacing if spacing is None else _spacing3(spacing)
         if isinstance(pair_ids, (str, int)):
             raise TypeError("pair_ids must be a sequence of ids, one per pair")
         check_displacement(disp)
@@ -446,7 +449,7 @@ class RegistrationMetrics(Metric):
         if true_disp is None:
             epe = torch.full((b,), float("nan"), dtype=torch.float64)
         else:
-            epe = endpoint_error(disp.detach(), true_disp.detach(), self.spacing).double().cpu()
+            epe = endpoint_error(disp.detach(), true_disp.detach(), spacing).double().cpu()
         if runtime_s is None:
             rt = torch.full((b,), float("nan"), dtype=torch.float64)
         else:
@@ -457,7 +460,7 @@ class RegistrationMetrics(Metric):
         moved = moved_labels.reshape(b, *moved_labels.shape[-3:]).cpu()
         fixed = fixed_labels.reshape(b, *fixed_labels.shape[-3:]).cpu()
         for k, pid in enumerate(pair_ids):
-            hd = hd95(moved[k], fixed[k], self.spacing, self.labels)
+            hd = hd95(moved[k], fixed[k], spacing, self.labels)
             hd_row = torch.tensor([hd.get(lab, float("nan")) for lab in self.labels])
             row = torch.cat(
                 [
