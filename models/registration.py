@@ -259,13 +259,19 @@ class RegistrationModule(pl.LightningModule):
         from voxelopt.visualize import save_registration_figure
 
         moved = warp(batch["moving"][:1], disp[:1], padding_mode="border")
+        moved_labels = warp(batch["moving_label"][:1], disp[:1], mode="nearest")
         path = self._output_dir() / "figures" / f"val_epoch{self.current_epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_registration_figure(
             path,
             fixed=batch["fixed"][0, 0],
             moving=batch["moving"][0, 0],
             moved=moved[0, 0],
             entropy=None if entropy is None else entropy[0, 0],
+            fixed_labels=batch["fixed_label"][0, 0],
+            moving_labels=batch["moving_label"][0, 0],
+            moved_labels=moved_labels[0, 0],
+            spacing=tuple(float(s) for s in batch["spacing"][0]),
             title=f"{self.name}: pair {batch['pair'][0]}, epoch {self.current_epoch}",
         )
         for logger in self.loggers:
