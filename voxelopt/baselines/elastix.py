@@ -56,6 +56,8 @@ class ElastixBSpline(nn.Module):
     Args:
         affine: ``(4, 4)`` voxel -> RAS+ mm matrix of the fixed grid (the moving image lies on
             the same grid); ``None`` means 1 mm voxels.
+        transforms: elastix default parameter maps run in sequence (``"translation"``,
+            ``"rigid"``, ``"affine"``, ``"bspline"``); the B-spline alone by default.
         grid_spacing_mm: final B-spline control-point spacing (mm).
         resolutions: number of pyramid levels.
         iterations: optimiser iterations per level.
@@ -69,6 +71,7 @@ class ElastixBSpline(nn.Module):
     def __init__(
         self,
         affine=None,
+        transforms: Sequence[str] = ("bspline",),
         grid_spacing_mm: float = 20.0,
         resolutions: int = 3,
         iterations: int = 256,
@@ -86,6 +89,13 @@ class ElastixBSpline(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+        transforms = [transforms] if isinstance(transforms, str) else list(transforms)
+        allowed = ("translation", "rigid", "affine", "bspline")
+        if not transforms or any(t not in allowed for t in transforms):
+            raise ValueError(
+                f"transforms must be a non-empty list of {allowed}, got {transforms!r}"
+            )
+        self.transforms = transforms
         self.grid_spacing_mm = float(grid_spacing_mm)
         self.resolutions = resolutions
         self.iterations = iterations
@@ -97,14 +107,15 @@ class ElastixBSpline(nn.Module):
         self.window = (float(window_low), float(window_high))
 
     def parameter_object(self, itk):
-        """The elastix parameter object (one B-spline map with this adapter's settings)."""
+        """The elastix parameter object: one default map per transform, with our settings."""
         po = itk.ParameterObject.New()
-        pmap = po.GetDefaultParameterMap("bspline", self.resolutions, self.grid_spacing_mm)
-        pmap["MaximumNumberOfIterations"] = [str(self.iterations)]
-        pmap["WriteResultImage"] = ["false"]
-        for key, value in self.parameters.items():
-            pmap[key] = value
-        po.AddParameterMap(pmap)
+        for name in self.transforms:
+            pmap = po.GetDefaultParameterMap(name, self.resolutions, self.grid_spacing_mm)
+            pmap["MaximumNumberOfIterations"] = [str(self.iterations)]
+            pmap["WriteResultImage"] = ["false"]
+            for key, value in self.parameters.items():
+                pmap[key] = value
+            po.AddParameterMap(pmap)
         return po
 
     def _image(self, itk, array: np.ndarray):
