@@ -63,7 +63,9 @@ def soft_dice(fixed: Tensor, moved: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 def diffusion_regularizer(disp: Tensor) -> Tensor:
-    """Diffusion smoothness: mean squared forward difference of each component along each axis.
+    """Diffusion smoothness: mean over voxels of ``||grad u||_F^2`` (forward differences).
+
+    The 9 squared partial derivatives ``(d u_i / d x_j)^2`` are summed per voxel and averaged.
 
     Args:
         disp: ``(B, 3, D, H, W)`` displacement in voxels.
@@ -72,7 +74,7 @@ def diffusion_regularizer(disp: Tensor) -> Tensor:
         Scalar, in voxels^2 per voxel^2.
     """
     check_displacement(disp)
-    terms = [disp.diff(dim=axis).pow(2).mean() for axis in (2, 3, 4) if disp.shape[axis] > 1]
+    terms = [disp.diff(dim=axis).pow(2).sum(1).mean() for axis in (2, 3, 4) if disp.shape[axis] > 1]
     return torch.stack(terms).sum() if terms else disp.new_zeros(())
 
 
@@ -90,7 +92,10 @@ def local_ncc(a: Tensor, b: Tensor, window: int = 5, eps: float = 1e-5) -> Tenso
     """
     if window < 1 or window % 2 == 0:
         raise ValueError(f"window must be a positive odd integer, got {window}")
-    pool = lambda t: F.avg_pool3d(t, window, stride=1, padding=window // 2)  # noqa: E731
+
+    def pool(t: Tensor) -> Tensor:  # local means over the voxels inside the volume
+        return F.avg_pool3d(t, window, 1, window // 2, count_include_pad=False)
+
     mean_a, mean_b = pool(a), pool(b)
     cov = pool(a * b) - mean_a * mean_b
     var_a = (pool(a * a) - mean_a**2).clamp_min(0)

@@ -71,3 +71,26 @@ def paper_dir(tmp_path) -> Path:
 @pytest.fixture
 def l2r_dir(tmp_path) -> Path:
     return make_learn2reg_dataset(tmp_path / "l2r")
+
+
+def blob_volume(shape=(16, 16, 16)) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth CT-like volume with two organs (labels 1 and 6), for synthetic pairs."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    organ1 = ((grid - np.array([0.3, 0.0, 0.1]).reshape(3, 1, 1, 1)) ** 2).sum(0) < 0.15
+    organ6 = ((grid + np.array([0.3, 0.2, 0.0]).reshape(3, 1, 1, 1)) ** 2).sum(0) < 0.2
+    image = np.full(shape, -100.0, np.float32) + 300.0 * np.sin(3 * grid[0]) * np.cos(2 * grid[1])
+    image[organ1] = 200.0
+    image[organ6] = 60.0
+    label = np.zeros(shape, np.uint8)
+    label[organ1] = 1
+    label[organ6] = 6
+    return image.astype(np.float32), label
+
+
+@pytest.fixture
+def synthetic_files(tmp_path) -> tuple[list[str], list[str]]:
+    """One tiny base volume (16^3, 4 mm) and its labels as NIfTI files."""
+    image, label = blob_volume()
+    image_path = write_volume(tmp_path / "base_ct.nii.gz", image, spacing=(4.0, 4.0, 4.0))
+    label_path = write_volume(tmp_path / "base_lab.nii.gz", label, spacing=(4.0, 4.0, 4.0))
+    return [str(image_path)], [str(label_path)]
