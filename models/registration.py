@@ -237,6 +237,7 @@ class RegistrationModule(pl.LightningModule):
 
     def _write_results(self, rows: list[dict], summary: dict[str, float]) -> None:
         out = Path(self.results_dir) if self.results_dir else self._output_dir()
+        out.mkdir(parents=True, exist_ok=True)
         rows = sorted(rows, key=lambda r: str(r["pair"]))
         csv_path = write_pair_csv(rows, out / "pairs.csv")
         md_path = write_summary_markdown({self.name: summary}, out / "summary.md")
