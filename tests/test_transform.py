@@ -299,13 +299,6 @@ def test_resize_volume_same_size_and_trilinear_corners():
     assert torch.allclose(big[..., ::2, ::2, ::2], vol, atol=1e-6)  # corners aligned
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resize_volume(mode='nearest') calls F.interpolate without corner alignment "
-    "(source index floor(j * n_in / n_out)), unlike its trilinear mode and the docstring: "
-    "9 -> 5 picks voxels 0,1,3,5,7 instead of 0,2,4,6,8, so downsampled label maps are "
-    "shifted by up to one voxel against trilinearly downsampled images",
-)
 def test_resize_volume_nearest_is_corner_aligned():
     labels = torch.arange(9.0).view(1, 1, 9, 1, 1).expand(1, 1, 9, 2, 2).contiguous()
     out = resize_volume(labels, (5, 2, 2), mode="nearest")

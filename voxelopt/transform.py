@@ -158,7 +158,13 @@ def resize_volume(volume: Tensor, size: Sequence[int], mode: str = "trilinear") 
     if tuple(volume.shape[2:]) == size:
         return volume
     if mode == "nearest":
-        return F.interpolate(volume, size=size, mode="nearest")
+        # corner-aligned nearest neighbour: output voxel i takes input voxel
+        # round(i (n_in - 1) / (n_out - 1)), the same geometry as the trilinear mode
+        for axis, (n_out, n_in) in enumerate(zip(size, volume.shape[2:], strict=False)):
+            if n_out != n_in:
+                pos = torch.linspace(0, n_in - 1, n_out, device=volume.device)
+                volume = volume.index_select(2 + axis, pos.round().long())
+        return volume
     return F.interpolate(volume, size=size, mode=mode, align_corners=True)
 
 
@@ -181,7 +187,7 @@ def resize_displacement(disp: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(old) == size:
         return disp
     factor = torch.tensor(
-        [(n - 1) / (o - 1) if o > 1 else float(n) / o for n, o in zip(size, old)],
+        [(n - 1) / (o - 1) if o > 1 else float(n) / o for n, o in zip(size, old, strict=False)],
         device=disp.device,
         dtype=disp.dtype,
     ).view(1, 3, 1, 1, 1)
