@@ -286,6 +286,14 @@ def _timed(model: nn.Module, fixed: Tensor, moving: Tensor) -> tuple[Tensor, flo
     return disp, time.perf_counter() - start
 
 
+def _check_methods(methods: Sequence[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    if not methods:
+        raise ValueError("methods is empty: nothing to compare")
+
+
 def run_comparison(
     methods: Sequence[str],
     pairs: Sequence[Pair],
@@ -310,9 +318,7 @@ def run_comparison(
     Returns:
         :class:`ComparisonResult`; methods that could not be built carry ``skipped``.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    _check_methods(methods)
     if not pairs:
         raise ValueError("pairs is empty: nothing to compare")
     dev = _resolve_device(device)
@@ -467,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compare.py``; bad input exits with code 2 and a one-line message."""
     args = build_parser().parse_args(argv)
     try:
+        _check_methods(args.methods)
         pairs = make_pairs(
             args.source,
             args.seeds,
