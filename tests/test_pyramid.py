@@ -19,6 +19,7 @@ def smooth_features(shape=(24, 24, 24), channels=4, seed=0) -> torch.Tensor:
 
 
 class TestVoxelOpt:
+    @pytest.mark.filterwarnings("ignore:levels=")
     @pytest.mark.parametrize("levels", [1, 2, 5])
     @pytest.mark.parametrize("shape", [(16, 16, 16), (13, 9, 11)])
     def test_smoke(self, levels, shape, dtype):
@@ -133,6 +134,11 @@ class TestVoxelOpt:
     def test_exceptions(self, fixed, moving, match):
         with pytest.raises(ValueError, match=match):
             VoxelOpt()(fixed, moving)
+
+    def test_too_many_levels_warns(self):
+        f = torch.rand(1, 1, 32, 28, 36)
+        with pytest.warns(UserWarning, match=r"coarsest level \(2, 2, 3\).*levels <= 4"):
+            VoxelOpt(levels=5)(f, f)
 
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match="fixed"):

@@ -8,6 +8,7 @@ composes it with that field. Each level searches +-k voxels, so the reach is abo
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,12 @@ from voxelopt.transform import (
     warp,
 )
 
-__all__ = ["VoxelOpt", "VoxelOptResult", "check_feature_pair"]
+__all__ = ["MIN_COARSE_SIZE", "VoxelOpt", "VoxelOptResult", "check_feature_pair"]
+
+#: Below this many voxels along an axis the coarsest level's zero-padded smoothing and its
+#: +-k voxel search (each worth 2^(L-1) fine voxels) stop making sense; the reference's
+#: coarsest level at 96x80x128 is 6x5x8.
+MIN_COARSE_SIZE = 4
 
 
 @dataclass
@@ -119,6 +125,18 @@ class VoxelOpt(nn.Module):
         check_feature_pair(fixed, moving)
         cfg = self.config
         shapes = pyramid_shapes(fixed.shape[2:], cfg.levels)
+        if min(shapes[-1]) < MIN_COARSE_SIZE:
+            usable = max(
+                n
+                for n in range(1, cfg.levels + 1)
+                if min(pyramid_shapes(fixed.shape[2:], n)[-1]) >= min(MIN_COARSE_SIZE, *shapes[0])
+            )
+            warnings.warn(
+                f"levels={cfg.levels} makes the coarsest level {shapes[-1]} voxels for a "
+                f"{tuple(shapes[0])} volume; results degrade below {MIN_COARSE_SIZE} voxels per "
+                f"axis: use levels <= {usable}",
+                stacklevel=2,
+            )
         fixed_pyramid, moving_pyramid = [fixed], [moving]
         for shape in shapes[1:]:
             fixed_pyramid.append(resize_volume(fixed_pyramid[-1], shape))
