@@ -1,0 +1,127 @@
+"""Image-level registration (extractor + solver) and the notebook function."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from voxelopt import VoxelOptRegistration, register
+from voxelopt.features import RawIntensity
+from voxelopt.metrics import dice, endpoint_error, mean_over_labels
+from voxelopt.phantom import load_abdomen_ct, make_pair, make_phantom
+
+
+@pytest.fixture(scope="module")
+def phantom_pair():
+    hu, labels = make_phantom((40, 36, 40), spacing=5.0, seed=0)
+    return make_pair(hu, labels, max_displacement_mm=15.0, spacing=5.0, seed=1)
+
+
+class TestVoxelOptRegistration:
+    @pytest.mark.parametrize("features", ["raw", "mind"])
+    def test_smoke(self, features):
+        x = torch.rand(2, 1, 16, 16, 16) * 1000 - 500
+        model = VoxelOptRegistration(features, levels=2)
+        assert model(x, x.flip(2)).shape == (2, 3, 16, 16, 16)
+
+    def test_downsample_returns_field_on_image_grid(self):
+        x = torch.rand(1, 1, 20, 18, 16) * 1000 - 500
+        model = VoxelOptRegistration(RawIntensity(), downsample=2, levels=2)
+        result = model.solve(x, x)
+        assert result.displacement.shape == (1, 3, 20, 18, 16)
+        assert result.entropy.shape == (1, 1, 10, 9, 8)
+
+    def test_config_overrides(self):
+        model = VoxelOptRegistration("raw", levels=3, argmin="soft")
+        assert model.config.levels == 3 and model.config.argmin == "soft"
+
+    @pytest.mark.parametrize(
+        "kwargs, error, match",
+        [
+            ({"extractor": "sift"}, ValueError, "sift"),
+            ({"downsample": 0}, ValueError, "downsample"),
+            ({"extractor": RawIntensity(), "extractor_kwargs": {"low": 0}}, ValueError, "name"),
+            ({"levels": 0}, ValueError, "levels"),
+        ],
+    )
+    def test_construction_errors(self, kwargs, error, match):
+        with pytest.raises(error, match=match):
+            VoxelOptRegistration(**kwargs)
+
+    def test_shape_mismatch(self):
+        model = VoxelOptRegistration("raw", levels=2)
+        with pytest.raises(ValueError, match="resample"):
+            model(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9))
+
+
+class TestRegister:
+    def test_improves_phantom_overlap(self, phantom_pair):
+        p = phantom_pair
+        before = mean_over_labels(dice(p.moving_labels[0, 0], p.fixed_labels[0, 0]))
+        result = register(
+            p.fixed_hu[0, 0].numpy(),
+            p.moving_hu[0, 0].numpy(),
+            fixed_labels=p.fixed_labels[0, 0].numpy(),
+            moving_labels=p.moving_labels[0, 0].numpy(),
+            features="raw",
+            levels=3,
+            spacing=5.0,
+        )
+        assert result.displacement.shape == (3, 40, 36, 40)
+        assert result.moved.shape == result.entropy.shape == result.moved_labels.shape
+        assert result.metrics["dice_mean"] > before + 0.08
+        assert result.metrics["nonpositive_jacobian_fraction"] < 0.01
+
+    @pytest.mark.parametrize(
+        "fixed, moving, kwargs, match",
+        [
+            (np.zeros((8, 8)), np.zeros((8, 8)), {}, "3-D"),
+            (np.full((8, 8, 8), np.nan), np.zeros((8, 8, 8)), {}, "NaN"),
+            (np.zeros((8, 8, 8)), np.zeros((8, 8, 9)), {}, "different grids"),
+            (
+                np.zeros((8, 8, 8)),
+                np.zeros((8, 8, 8)),
+                {"fixed_labels": np.zeros((4, 4, 4))},
+                "fixed_labels",
+            ),
+            (np.zeros((8, 8, 8)), np.zeros((8, 8, 8)), {"device": "cuda"}, "cuda"),
+        ],
+    )
+    def test_bad_input(self, fixed, moving, kwargs, match):
+        if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+        with pytest.raises(ValueError, match=match):
+            register(fixed, moving, features="raw", levels=1, **kwargs)
+
+    def test_not_an_array(self):
+        with pytest.raises(TypeError, match="fixed"):
+            register([[1.0]], np.zeros((8, 8, 8)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_real_ct_known_deformation(ct_dir, seed):
+    """Warp the real CT by a known smooth field (up to 24 mm = 8 voxels), register it back."""
+    ct, labels = load_abdomen_ct()
+    pair = make_pair(ct.data, labels.data, max_displacement_mm=24.0, spacing=ct.spacing, seed=seed)
+    present = [k for k in range(1, 14) if (labels.data == k).any()]
+    assert len(present) == 12
+    before = mean_over_labels(dice(pair.moving_labels[0, 0], pair.fixed_labels[0, 0], present))
+    result = register(
+        pair.fixed_hu[0, 0],
+        pair.moving_hu[0, 0],
+        fixed_labels=pair.fixed_labels[0, 0],
+        moving_labels=pair.moving_labels[0, 0],
+        features="mind",
+        spacing=ct.spacing,
+    )
+    after = mean_over_labels(dice(result.moved_labels, pair.fixed_labels[0, 0].numpy(), present))
+    assert after >= before + 0.10, (before, after)
+    body = pair.fixed_hu > -500
+    disp = torch.from_numpy(result.displacement)[None]
+    error_before = endpoint_error(
+        torch.zeros_like(pair.displacement), pair.displacement, ct.spacing, body
+    )
+    error_after = endpoint_error(disp, pair.displacement, ct.spacing, body)
+    assert error_after < error_before, (float(error_before), float(error_after))
