@@ -32,9 +32,15 @@ def displacement_entropy(cost: Tensor, beta: float = 0.1, prob_floor: float = 1e
         raise ValueError(f"cost must be (B, K, D, H, W), got {tuple(cost.shape)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
-    prob = torch.softmax(cost * (-1.0 / beta), dim=1).clamp(min=prob_floor, max=1.0)
-    prob = prob / prob.sum(dim=1, keepdim=True)
-    return -(prob * prob.log()).sum(dim=1, keepdim=True)
+    prob = torch.softmax(cost * (-1.0 / beta), dim=1)
+    if torch.is_grad_enabled() and cost.requires_grad:
+        prob = prob.clamp(min=prob_floor, max=1.0)
+        prob = prob / prob.sum(dim=1, keepdim=True)
+        return torch.special.entr(prob).sum(dim=1, keepdim=True)
+    # No graph: the same in place on the one probability volume.
+    prob.clamp_(min=prob_floor, max=1.0)
+    prob.div_(prob.sum(dim=1, keepdim=True))
+    return torch.special.entr(prob, out=prob).sum(dim=1, keepdim=True)
 
 
 def _per_sample(x: Tensor, reduce) -> Tensor:

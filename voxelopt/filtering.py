@@ -89,22 +89,32 @@ def smooth(x: Tensor, weight: Tensor | float, iterations: int = 3, inplace: bool
             for dim in (2, 3, 4):
                 x = _axis_pass(x, weight, dim)
         return x
-    # No graph: one reused buffer and in-place updates (three times faster on CPU than
-    # allocating a fresh volume per pass, see BENCHMARKS.md).
+    # No graph: in place with one reused buffer, x <- (1 - 2w) x + w (x[-1] + x[+1]);
+    # about 3x faster on CPU than allocating fresh volumes per pass (see BENCHMARKS.md).
     out = x if inplace else x.clone()
-    lap = torch.empty_like(out)
+    neighbours = torch.empty_like(out)
+    keep = 1.0 - 2.0 * weight
     for _ in range(iterations):
         for dim in (2, 3, 4):
-            n = out.shape[dim]
-            torch.mul(out, -2.0, out=lap)
-            if n > 1:
-                lap.narrow(dim, 1, n - 1).add_(out.narrow(dim, 0, n - 1))
-                lap.narrow(dim, 0, n - 1).add_(out.narrow(dim, 1, n - 1))
+            _neighbour_sum(out, dim, neighbours)
+            out.mul_(keep)
             if isinstance(weight, Tensor):
-                out.addcmul_(lap, weight)
+                out.addcmul_(neighbours, weight)
             else:
-                out.add_(lap, alpha=weight)
+                out.add_(neighbours, alpha=weight)
     return out
+
+
+def _neighbour_sum(x: Tensor, dim: int, out: Tensor) -> None:
+    """``out = x[i - 1] + x[i + 1]`` along ``dim`` with zero padding."""
+    n = x.shape[dim]
+    if n == 1:
+        out.zero_()
+        return
+    if n > 2:
+        torch.add(x.narrow(dim, 0, n - 2), x.narrow(dim, 2, n - 2), out=out.narrow(dim, 1, n - 2))
+    out.narrow(dim, 0, 1).copy_(x.narrow(dim, 1, 1))
+    out.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 2, 1))
 
 
 def adaptive_smooth(x: Tensor, sigma: Tensor, iterations: int = 3) -> Tensor:

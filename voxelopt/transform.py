@@ -13,6 +13,7 @@ Convention (used everywhere in the project):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -60,16 +61,20 @@ def identity_grid(
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
+@functools.lru_cache(maxsize=8)
+def _normalised_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    """``grid_sample`` identity ``(1, D, H, W, 3)`` in (x, y, z) = (W, H, D) order, and the
+    per-channel scale ``(3,)`` from voxels to normalised units, in that same order."""
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=device, dtype=dtype)
+    base = identity_grid(shape, device, dtype) * scale.view(1, 3, 1, 1, 1) - 1.0
+    return base.permute(0, 2, 3, 4, 1).flip(-1).contiguous(), scale.flip(0)
+
+
 def _sampling_grid(disp: Tensor) -> Tensor:
     """``grid_sample`` grid ``(B, D, H, W, 3)`` (x = W, y = H, z = D order) for ``x + u(x)``."""
-    shape = disp.shape[2:]
-    coords = identity_grid(shape, disp.device, disp.dtype) + disp
-    scale = torch.tensor(
-        [2.0 / max(n - 1, 1) for n in shape], device=disp.device, dtype=disp.dtype
-    ).view(1, 3, 1, 1, 1)
-    grid = coords * scale - 1.0
+    base, scale = _normalised_identity(tuple(disp.shape[2:]), disp.device, disp.dtype)
     # channels (D, H, W) -> last axis in grid_sample's (x, y, z) = (W, H, D) order
-    return grid.permute(0, 2, 3, 4, 1).flip(-1)
+    return torch.addcmul(base, disp.flip(1).permute(0, 2, 3, 4, 1), scale)
 
 
 def warp(
