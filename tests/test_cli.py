@@ -203,3 +203,20 @@ def test_demo(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["metrics"]["dice_mean"] <= 1
     assert "initial Dice" in stderr
+
+
+@pytest.mark.slow
+def test_demo_from_real_ct(ct_dir, tmp_path, capsys):
+    out = tmp_path / "demo_ct"
+    args = ["demo", "--ct", ct_dir / "ct.nii.gz", "--ct-labels", ct_dir / "labels_btcv13.nii.gz"]
+    code, _, stderr = run(args + ["--out-dir", out, "--features", "raw", "--quiet"], capsys)
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    initial = float(stderr.split("initial Dice ")[1].split(" %")[0]) / 100
+    assert report["metrics"]["dice_mean"] > initial + 0.05
+    assert nib.load(out / "moved.nii.gz").shape == nib.load(ct_dir / "ct.nii.gz").shape
+
+
+def test_demo_labels_without_ct(tmp_path, capsys):
+    code, _, stderr = run(["demo", "--out-dir", tmp_path / "d", "--ct-labels", "x.nii.gz"], capsys)
+    assert code == 2 and "--ct-labels needs --ct" in stderr

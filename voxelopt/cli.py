@@ -112,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--shape", nargs=3, type=_positive_int, default=(96, 80, 112))
     demo.add_argument("--max-displacement-mm", type=float, default=20.0)
+    demo.add_argument(
+        "--ct",
+        type=Path,
+        help="make the pair from this real CT (e.g. ../shared/data/abdomen_ct/ct.nii.gz) "
+        "instead of the phantom",
+    )
+    demo.add_argument(
+        "--ct-labels", type=Path, help="label map of --ct (scored after registration)"
+    )
     _add_solver_options(demo)
     return parser
 
@@ -277,17 +286,31 @@ def run_demo(args: argparse.Namespace) -> int:
     from voxelopt.metrics import dice, mean_over_labels
     from voxelopt.phantom import make_pair, make_phantom
 
-    spacing = 3.0
-    hu, labels = make_phantom(tuple(args.shape), spacing=spacing, seed=args.seed)
+    if args.ct is not None:
+        like = load_volume(args.ct)
+        labels = None
+        if args.ct_labels is not None:
+            labels_volume = load_labels(args.ct_labels)
+            check_same_grid(labels_volume, like, ("--ct-labels", "--ct"))
+            labels = labels_volume.data
+        hu, spacing = like.data, like.spacing
+        if labels is None:
+            labels = np.zeros(hu.shape, np.int64)
+    else:
+        if args.ct_labels is not None:
+            raise ValueError("--ct-labels needs --ct")
+        spacing = (3.0, 3.0, 3.0)
+        hu, labels = make_phantom(tuple(args.shape), spacing=spacing, seed=args.seed)
+        like = Volume(
+            np.zeros(hu.shape, np.float32),
+            np.diag([*spacing, 1.0]),
+            np.array([[0, 1], [1, 1], [2, 1]]),
+        )
     pair = make_pair(
         hu, labels, max_displacement_mm=args.max_displacement_mm, spacing=spacing, seed=args.seed
     )
     inputs = args.out_dir / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    like = Volume(
-        np.zeros(tuple(args.shape), np.float32), affine, np.array([[0, 1], [1, 1], [2, 1]])
-    )
     files = {
         "fixed": (pair.fixed_hu, np.float32),
         "moving": (pair.moving_hu, np.float32),
