@@ -134,13 +134,22 @@ class ElastixBSpline(nn.Module):
         """
         itk = _import_itk()
         fixed_img, moving_img = self._image(itk, fixed), self._image(itk, moving)
-        kwargs = {"log_to_console": False}
+        # Threads through ITK's global default: itk-elastix 0.25's ``number_of_threads``
+        # argument crashed (segfault) on a 122x101x112 CT with 2 threads here.
+        threader = itk.MultiThreaderBase
+        saved = threader.GetGlobalDefaultNumberOfThreads()
         if self.threads is not None:
-            kwargs["number_of_threads"] = self.threads
-        _, transform = itk.elastix_registration_method(
-            fixed_img, moving_img, parameter_object=self.parameter_object(itk), **kwargs
-        )
-        field = itk.transformix_deformation_field(moving_img, transform)
+            threader.SetGlobalDefaultNumberOfThreads(self.threads)
+        try:
+            _, transform = itk.elastix_registration_method(
+                fixed_img,
+                moving_img,
+                parameter_object=self.parameter_object(itk),
+                log_to_console=False,
+            )
+            field = itk.transformix_deformation_field(moving_img, transform)
+        finally:
+            threader.SetGlobalDefaultNumberOfThreads(saved)
         field = np.asarray(itk.array_from_image(field)).transpose(2, 1, 0, 3)
         return physical_to_voxel_displacement(field, self.geometry)
 
