@@ -125,3 +125,50 @@ def test_real_ct_known_deformation(ct_dir, seed):
     )
     error_after = endpoint_error(disp, pair.displacement, ct.spacing, body)
     assert error_after < error_before, (float(error_before), float(error_after))
+
+
+class _CountingRaw(RawIntensity):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def extract(self, image_hu):
+        self.calls += 1
+        return super().extract(image_hu)
+
+
+class TestFixedCache:
+    def test_one_forward_per_fixed_image(self):
+        extractor = _CountingRaw()
+        model = VoxelOptRegistration(extractor, levels=2, cache_fixed=2)
+        fixed = torch.rand(1, 1, 12, 12, 12) * 1000 - 500
+        movings = [torch.rand_like(fixed) * 1000 - 500 for _ in range(3)]
+        fields = [model(fixed, m) for m in movings]
+        assert extractor.calls == 1 + 3  # fixed once, each moving once
+        uncached = VoxelOptRegistration(RawIntensity(), levels=2)
+        for m, u in zip(movings, fields, strict=True):
+            torch.testing.assert_close(u, uncached(fixed, m))
+        model(fixed.flip(2), movings[0])  # another fixed image: computed again
+        assert extractor.calls == 6
+
+    def test_explicit_key(self):
+        extractor = _CountingRaw()
+        model = VoxelOptRegistration(extractor, levels=2, cache_fixed=1)
+        fixed = torch.rand(1, 1, 12, 12, 12)
+        model(fixed, fixed, fixed_key="subject-24")
+        model(fixed, fixed, fixed_key="subject-24")
+        assert extractor.calls == 3
+
+    def test_trainable_extractor_not_cached(self):
+        from voxelopt.features import FeatureHead, HeadedExtractor
+
+        extractor = HeadedExtractor(RawIntensity(), FeatureHead(1, 1))
+        model = VoxelOptRegistration(extractor, levels=2, cache_fixed=2)
+        fixed = torch.rand(1, 1, 12, 12, 12)
+        with torch.no_grad():
+            model(fixed, fixed)
+        assert len(model.fixed_cache) == 0
+
+    def test_invalid(self):
+        with pytest.raises(ValueError, match="cache_fixed"):
+            VoxelOptRegistration("raw", cache_fixed=-1)

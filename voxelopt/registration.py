@@ -7,8 +7,9 @@ notebook entry point: arrays in, moved image, moved labels, field and metrics ou
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from voxelopt.config import VoxelOptConfig
-from voxelopt.features import FeatureExtractor, build_extractor, normalize_pair
+from voxelopt.features import CachedExtractor, FeatureExtractor, build_extractor, normalize_pair
 from voxelopt.features.base import check_image
 from voxelopt.metrics import (
     dice,
@@ -43,6 +44,11 @@ class VoxelOptRegistration(nn.Module):
             grid.
         extractor_kwargs: keyword arguments for :func:`~voxelopt.features.build_extractor`
             when ``extractor`` is a name.
+        cache_fixed: keep the features of this many fixed images and reuse them when the same
+            fixed image is registered again (one network forward for a fixed image registered
+            to many moving images, as in all-pairs evaluation). Images are recognised by the
+            ``fixed_key`` passed to :meth:`forward` (e.g. the file path) or else by a digest
+            of their voxels. An extractor with trainable parameters is never cached. 0 disables.
         **config_overrides: fields of :class:`~voxelopt.VoxelOptConfig` to change.
     """
 
@@ -52,6 +58,7 @@ class VoxelOptRegistration(nn.Module):
         config: VoxelOptConfig | None = None,
         downsample: int = 1,
         extractor_kwargs: dict | None = None,
+        cache_fixed: int = 0,
         **config_overrides,
     ) -> None:
         super().__init__()
@@ -61,7 +68,10 @@ class VoxelOptRegistration(nn.Module):
             raise ValueError("extractor_kwargs is only used when extractor is given by name")
         if not isinstance(downsample, int) or downsample < 1:
             raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
+        if not isinstance(cache_fixed, int) or cache_fixed < 0:
+            raise ValueError(f"cache_fixed must be an integer >= 0, got {cache_fixed!r}")
         self.extractor = extractor
+        self.fixed_cache = CachedExtractor(extractor, cache_fixed) if cache_fixed else None
         self.solver = VoxelOpt(config, **config_overrides)
         self.downsample = downsample
 
@@ -70,12 +80,15 @@ class VoxelOptRegistration(nn.Module):
         """The solver's configuration."""
         return self.solver.config
 
-    def features(self, fixed_hu: Tensor, moving_hu: Tensor) -> tuple[Tensor, Tensor]:
+    def features(
+        self, fixed_hu: Tensor, moving_hu: Tensor, fixed_key: Hashable | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Features of both images, jointly normalised where the extractor asks for it.
 
         Args:
             fixed_hu: ``(B, 1, D, H, W)`` fixed CT in HU.
             moving_hu: ``(B, 1, D, H, W)`` moving CT in HU on the same grid.
+            fixed_key: identity of the fixed image for ``cache_fixed`` (e.g. its path).
 
         Returns:
             ``(fixed, moving)`` features ``(B, C, D', H', W')`` on the solver's grid.
@@ -87,7 +100,12 @@ class VoxelOptRegistration(nn.Module):
                 f"fixed and moving images differ in shape: {tuple(fixed_hu.shape)} vs "
                 f"{tuple(moving_hu.shape)}; resample the moving image onto the fixed grid first"
             )
-        fixed, moving = self.extractor(fixed_hu), self.extractor(moving_hu)
+        if self.fixed_cache is not None and not self._extractor_trainable():
+            key = fixed_key if fixed_key is not None else _digest(fixed_hu)
+            fixed = self.fixed_cache(fixed_hu, key)
+        else:
+            fixed = self.extractor(fixed_hu)
+        moving = self.extractor(moving_hu)
         if self.extractor.pair_normalize:
             fixed, moving = normalize_pair(fixed, moving)
         if self.downsample > 1:
@@ -95,19 +113,33 @@ class VoxelOptRegistration(nn.Module):
             fixed, moving = resize_volume(fixed, shape), resize_volume(moving, shape)
         return fixed, moving
 
-    def solve(self, fixed_hu: Tensor, moving_hu: Tensor) -> VoxelOptResult:
+    def _extractor_trainable(self) -> bool:
+        """Whether the extractor has parameters to train (then its output is never cached)."""
+        return any(p.requires_grad for p in self.extractor.parameters())
+
+    def solve(
+        self, fixed_hu: Tensor, moving_hu: Tensor, fixed_key: Hashable | None = None
+    ) -> VoxelOptResult:
         """Register and also return the solver's per-level entropy and sigma maps.
 
         The displacement is on the image grid; the maps stay on the solver's grids.
         """
-        fixed, moving = self.features(fixed_hu, moving_hu)
+        fixed, moving = self.features(fixed_hu, moving_hu, fixed_key)
         result = self.solver.solve(fixed, moving)
         result.displacement = resize_displacement(result.displacement, fixed_hu.shape[2:])
         return result
 
-    def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
+    def forward(
+        self, fixed_hu: Tensor, moving_hu: Tensor, fixed_key: Hashable | None = None
+    ) -> Tensor:
         """Displacement ``(B, 3, D, H, W)`` in voxels with ``warp(moving_hu, u) ~ fixed_hu``."""
-        return self.solve(fixed_hu, moving_hu).displacement
+        return self.solve(fixed_hu, moving_hu, fixed_key).displacement
+
+
+def _digest(image: Tensor) -> tuple:
+    """Content key of an image: shape, dtype and a BLAKE2 digest of its bytes (~5 ms/1M vox)."""
+    data = image.detach().contiguous().cpu().numpy().tobytes()
+    return (tuple(image.shape), str(image.dtype), hashlib.blake2b(data, digest_size=16).digest())
 
 
 @dataclass
