@@ -85,7 +85,7 @@ class TestVoxelOpt:
         solver = VoxelOpt(
             levels=2, argmin="soft", temperature=0.5, gammas=(0.1, 1.0), integration_steps=2
         )
-        assert torch.autograd.gradcheck(solver, (f, m), atol=1e-5)
+        assert torch.autograd.gradcheck(solver, (f, m), atol=1e-5, fast_mode=True)
 
     def test_soft_gradients_reach_features(self):
         f = smooth_features((12, 12, 12)).requires_grad_()
@@ -136,9 +136,9 @@ class TestVoxelOpt:
             VoxelOpt()(fixed, moving)
 
     def test_too_many_levels_warns(self):
-        f = torch.rand(1, 1, 32, 28, 36)
-        with pytest.warns(UserWarning, match=r"coarsest level \(2, 2, 3\).*levels <= 4"):
-            VoxelOpt(levels=5)(f, f)
+        f = torch.rand(1, 1, 16, 14, 18)
+        with pytest.warns(UserWarning, match=r"coarsest level \(2, 2, 3\).*levels <= 3"):
+            VoxelOpt(levels=4)(f, f)
 
     def test_not_a_tensor(self):
         with pytest.raises(TypeError, match="fixed"):
