@@ -40,6 +40,9 @@ from voxelopt.transform import resize_volume, warp
 __all__ = ["RegistrationModule"]
 
 ArgminMode = Literal["hard", "soft"]
+#: the endpoint error of synthetic pairs is averaged inside the body (fixed image above this
+#: HU): in the air around it the true field moves nothing visible and is not identifiable
+BODY_HU = -500.0
 #: summary columns logged and printed (those that are ``nan`` for a dataset are skipped)
 SUMMARY_COLUMNS = (
     "dice",
@@ -183,6 +186,7 @@ class RegistrationModule(pl.LightningModule):
                 disp[k : k + 1],
                 None if true is None else true[k : k + 1],
                 runtime,
+                epe_mask=batch["fixed"][k : k + 1] > BODY_HU,
             )
         return disp, entropy
 

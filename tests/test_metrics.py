@@ -476,3 +476,21 @@ def test_registration_metrics_real_ddp(tmp_path):
         assert out["num_pairs"] == 3
         for key in ref:
             assert out[key] == pytest.approx(ref[key], nan_ok=True)
+
+
+def test_registration_metrics_epe_mask():
+    """The endpoint error can be averaged inside a region (the body of synthetic pairs)."""
+    from voxelopt.metrics import RegistrationMetrics
+
+    disp = torch.zeros(1, 3, 4, 4, 4, dtype=torch.float64)
+    true = torch.zeros_like(disp)
+    true[:, 0, :2] = 2.0  # the field moves only the first half along axis 0
+    labels = torch.ones(1, 1, 4, 4, 4, dtype=torch.long)
+    mask = torch.zeros(1, 1, 4, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True
+    whole = RegistrationMetrics(labels=[1], jacobian_margin=0)
+    inside = RegistrationMetrics(labels=[1], jacobian_margin=0)
+    whole.update(["p"], labels, labels, disp, true)
+    inside.update(["p"], labels, labels, disp, true, epe_mask=mask)
+    assert float(whole.compute()["epe_mm"]) == pytest.approx(1.0)
+    assert float(inside.compute()["epe_mm"]) == pytest.approx(2.0)

@@ -423,6 +423,7 @@ class RegistrationMetrics(Metric):
         true_disp: Tensor | None = None,
         runtime_s: float | Sequence[float] | Tensor | None = None,
         spacing: float | Sequence[float] | None = None,
+        epe_mask: Tensor | None = None,
     ) -> None:
         """Score a batch of registered pairs.
 
@@ -434,6 +435,8 @@ class RegistrationMetrics(Metric):
             true_disp: optional ``(B, 3, D, H, W)`` ground truth in voxels.
             runtime_s: optional seconds per pair (one number for all or ``B`` numbers).
             spacing: voxel size in mm of this batch's grid (default: the constructor's).
+            epe_mask: optional ``(B, 1, D, H, W)`` boolean region where the endpoint error is
+                averaged (e.g. the body: outside it a synthetic field is not identifiable).
         """
         spacing = self.spacing if spacing is None else _spacing3(spacing)
         if isinstance(pair_ids, (str, int)):
@@ -449,7 +452,8 @@ class RegistrationMetrics(Metric):
         if true_disp is None:
             epe = torch.full((b,), float("nan"), dtype=torch.float64)
         else:
-            epe = endpoint_error(disp.detach(), true_disp.detach(), spacing).double().cpu()
+            epe = endpoint_error(disp.detach(), true_disp.detach(), spacing, epe_mask)
+            epe = epe.double().cpu()
         if runtime_s is None:
             rt = torch.full((b,), float("nan"), dtype=torch.float64)
         else:
