@@ -156,8 +156,9 @@ class TestBadInput:
             (lambda a, t, f: a.__setitem__(10, _bad_file(t, "small_labels", f)), "labels"),
             (lambda a, t, f: a.extend(["--window", "800", "-500"]), "window"),
             (lambda a, t, f: a.extend(["--weights", t / "none.pth"]), "weights"),
+            (lambda a, t, f: a.extend(["--features", "universal"]), "--weights"),
         ],
-        ids=["missing", "4d", "nan", "not-nifti", "label-grid", "window", "weights"],
+        ids=["missing", "4d", "nan", "not-nifti", "label-grid", "window", "weights", "universal"],
     )
     def test_one_line_error_exit_2_nothing_written(
         self, pair_files, tmp_path, capsys, change, match

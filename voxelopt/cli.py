@@ -143,6 +143,11 @@ def _extractor(args: argparse.Namespace):
     kwargs: dict = {}
     if args.features in ("raw", "mind"):
         kwargs = {"low": low, "high": high}
+    if args.features == "universal" and args.weights is None:
+        raise ValueError(
+            "--features universal needs --weights PATH: the Universal Model checkpoint (its "
+            "weights are not distributed with voxelopt)"
+        )
     if args.features in ("obelisk", "universal") and args.weights is not None:
         if not args.weights.is_file():
             raise FileNotFoundError(f"--weights file not found: {args.weights}")
