@@ -221,3 +221,24 @@ def test_demo_from_real_ct(ct_dir, tmp_path, capsys):
 def test_demo_labels_without_ct(tmp_path, capsys):
     code, _, stderr = run(["demo", "--out-dir", tmp_path / "d", "--ct-labels", "x.nii.gz"], capsys)
     assert code == 2 and "--ct-labels needs --ct" in stderr
+
+
+def test_register_with_universal_checkpoint(pair_files, tmp_path, capsys):
+    """`--features universal --weights PATH` reads a checkpoint in the published layout."""
+    import torch
+
+    from voxelopt.features import UniversalNet
+
+    torch.manual_seed(0)
+    net = UniversalNet()
+    # the published layout: {"net": {"module.backbone.<...>", "module.precls_conv.<i>..."}}
+    state = {f"module.{key}": value for key, value in net.state_dict().items()}
+    assert all(k.startswith(("module.backbone.", "module.precls_conv.")) for k in state)
+    path = tmp_path / "universal.pth"
+    torch.save({"net": state}, path)
+    out = tmp_path / "out"
+    args = register_args(pair_files, out, labels=False)
+    args[args.index("raw")] = "universal"
+    code, _, stderr = run(args + ["--weights", path], capsys)
+    assert code == 0, stderr
+    assert json.loads((out / "report.json").read_text())["features"] == "universal"
