@@ -11,8 +11,8 @@ of the phantom), scores each with :class:`voxelopt.metrics.RegistrationMetrics`,
 * ``<output_dir>/pairs.csv``: every score of every pair and method.
 
 A method that cannot run (package not installed, weights or checkpoint absent) is listed as
-skipped with the reason, never dropped silently. No Lightning is needed: this module only
-uses ``voxelopt``; it lives in ``models/`` beside ``train.py``/``eval.py``'s machinery.
+skipped with the reason, never dropped silently. The endpoint error is averaged inside the
+body (fixed image above ``models.registration.BODY_HU``), as in training and evaluation.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.registration import BODY_HU
 from voxelopt.metrics import BTCV13_LABELS, RegistrationMetrics, write_pair_csv
-from voxelopt.transform import warp
+from voxelopt.transform import resize_displacement, resize_volume, warp
 
 __all__ = [
     "METHODS",
@@ -39,6 +40,7 @@ __all__ = [
     "Identity",
     "MethodResult",
     "Pair",
+    "Resampled",
     "build_parser",
     "main",
     "make_pairs",
@@ -63,6 +65,31 @@ class Identity(nn.Module):
     def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
         b, _, *shape = fixed_hu.shape
         return fixed_hu.new_zeros(b, 3, *shape)
+
+
+class Resampled(nn.Module):
+    """Run ``model`` on images ``factor`` times coarser, return its field on the input grid.
+
+    For a network trained at another resolution (VoxelMorph trained at ~6 mm, compared at
+    3 mm): each size ``n`` becomes ``n // factor`` by corner-aligned trilinear resampling, the
+    same as :func:`models.data.prepare_volume`'s ``downsample``; the displacement is resampled
+    back and rescaled to voxels of the input grid.
+    """
+
+    def __init__(self, model: nn.Module, factor: int) -> None:
+        super().__init__()
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"input_downsample must be an integer >= 1, got {factor!r}")
+        self.model = model
+        self.factor = factor
+
+    def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
+        shape = fixed_hu.shape[2:]
+        if self.factor == 1:
+            return self.model(fixed_hu, moving_hu)
+        coarse = [max(n // self.factor, 2) for n in shape]
+        disp = self.model(resize_volume(fixed_hu, coarse), resize_volume(moving_hu, coarse))
+        return resize_displacement(disp, shape)
 
 
 @dataclass
@@ -125,14 +152,16 @@ def _voxelmorph(ctx: BuildContext) -> nn.Module:
     path = Path(ctx.voxelmorph_ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"VoxelMorph checkpoint not found: {path}")
-    model = VoxelMorph(**_opts(ctx, "voxelmorph"))
+    kwargs = _opts(ctx, "voxelmorph")
+    factor = kwargs.pop("input_downsample", 1)  # the training data's grid reduction
+    model = VoxelMorph(**kwargs)
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state)
     prefix = "model."  # RegistrationModule keeps the registration model under .model
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     model.load_state_dict(state)
-    return model.eval()
+    return Resampled(model, factor).eval()
 
 
 def _ants(ctx: BuildContext) -> nn.Module:
@@ -353,6 +382,9 @@ def run_comparison(
                 pair.true_disp,
                 seconds,
                 spacing=pair.spacing,
+                # as in RegistrationModule: the EPE inside the body only (outside, the
+                # synthetic field moves nothing visible and no method can recover it)
+                epe_mask=pair.fixed_hu > BODY_HU,
             )
             if k == 0:
                 result.first_moved = warp(pair.moving_hu, disp, padding_mode="border")[0, 0]

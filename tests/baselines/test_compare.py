@@ -10,6 +10,7 @@ import torch
 from models.compare import (
     METHODS,
     Identity,
+    Resampled,
     main,
     make_pairs,
     markdown_table,
@@ -65,8 +66,10 @@ def test_scores_come_from_the_metrics(pairs):
     result = run_comparison(["initial"], pairs, device="cpu", log=lambda s: None)
     (initial,) = result.methods
     assert initial.summary["sdlogj_l2r"] < 1e-5 and initial.summary["nonpositive_jacobian"] == 0
-    # the identity's endpoint error is the true field's mean magnitude in mm
-    true_mm = (pairs[0].true_disp * 12.0).norm(dim=1).mean()
+    # the identity's endpoint error is the true field's mean magnitude in mm inside the body
+    body = pairs[0].fixed_hu[:, 0] > -500
+    assert 0 < body.float().mean() < 1
+    true_mm = (pairs[0].true_disp * 12.0).norm(dim=1)[body].mean()
     assert initial.summary["epe_mm"] == pytest.approx(float(true_mm), rel=1e-4)
     assert 0 < initial.summary["dice"] < 1
 
@@ -94,6 +97,37 @@ def test_voxelmorph_checkpoint_of_a_registration_module(pairs, tmp_path):
     (vxm,) = result.methods
     assert vxm.skipped is None and len(vxm.rows) == 1
     assert "| VoxelMorph | learning |" in markdown_table(result)
+
+
+def test_voxelmorph_runs_at_its_training_resolution(pairs, tmp_path):
+    model = VoxelMorph(**TINY_VXM)
+    ckpt = tmp_path / "vxm.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    result = run_comparison(
+        ["voxelmorph"],
+        pairs,
+        options={"voxelmorph": {**TINY_VXM, "input_downsample": 2}},
+        voxelmorph_ckpt=str(ckpt),
+        device="cpu",
+        log=lambda s: None,
+    )
+    assert result.methods[0].skipped is None and len(result.methods[0].rows) == 1
+
+
+def test_resampled_returns_the_field_on_the_input_grid():
+    class Shift(torch.nn.Module):  # one voxel of the coarse grid along every axis
+        def forward(self, fixed, moving):
+            return fixed.new_ones(fixed.shape[0], 3, *fixed.shape[2:])
+
+    x = torch.rand(1, 1, 17, 9, 13)
+    disp = Resampled(Shift(), 2)(x, x)
+    assert disp.shape == (1, 3, 17, 9, 13)
+    # 1 voxel of the coarse grid (8, 4, 6) is (n - 1) / (m - 1) voxels of the input grid
+    expected = torch.tensor([16 / 7, 8 / 3, 12 / 5])
+    assert torch.allclose(disp[0, :, 0, 0, 0], expected, atol=1e-5)
+    assert torch.equal(Resampled(Shift(), 1)(x, x), torch.ones(1, 3, 17, 9, 13))
+    with pytest.raises(ValueError, match="input_downsample"):
+        Resampled(Shift(), 0)
 
 
 @pytest.mark.parametrize(
