@@ -113,6 +113,15 @@ class TestVoxelOpt:
         assert u16.dtype == torch.float32  # fields stay in float32
         assert (u16 - u32)[..., 4:-4, 4:-4, 4:-4].abs().mean() < 0.2
 
+    def test_precision_option(self):
+        f = smooth_features((16, 16, 16))
+        m = torch.roll(f, 2, dims=3)
+        result = VoxelOpt(levels=3, precision="bfloat16").solve(f, m)
+        assert result.levels[0].entropy.dtype == torch.bfloat16  # the cost volume's dtype
+        assert result.displacement.dtype == torch.float32
+        u32 = VoxelOpt(levels=3, precision="float32")(f.double(), m.double())
+        assert u32.dtype == torch.float32
+
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     def test_cuda_matches_cpu(self, dtype):
@@ -159,6 +168,7 @@ class TestConfig:
             ("integration_steps", -1),
             ("gammas", (0.1, -1.0)),
             ("temperature", -1.0),
+            ("precision", "int8"),
         ],
     )
     def test_invalid_values(self, field, value):

@@ -72,6 +72,12 @@ def _add_solver_options(p: argparse.ArgumentParser) -> None:
         help="intensity window in HU scaled to [0, 1] (raw, mind, universal); default -500 800",
     )
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="dtype of features and cost volumes (half precision is meant for CUDA)",
+    )
     g.add_argument("--downsample", type=_positive_int, default=1, help="solve at 1/N resolution")
     g.add_argument("--levels", type=_positive_int, default=5)
     g.add_argument("--kernel-size", type=_positive_int, default=1, help="search half-width k")
@@ -133,6 +139,7 @@ def _config(args: argparse.Namespace) -> VoxelOptConfig:
         sigma_mode=args.sigma_mode,
         adaptive=not args.no_adaptive,
         prefilter_cost=not args.no_prefilter,
+        precision=args.precision,
     )
 
 

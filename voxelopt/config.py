@@ -52,6 +52,9 @@ class VoxelOptConfig:
             itself (integration, composition).
         feature_padding: ``grid_sample`` padding when the moving features are warped by the
             coarser levels' field (the reference pads with zeros).
+        precision: dtype of the features, cost volumes and their filtering: ``"float32"``, or
+            ``"float16"`` / ``"bfloat16"`` to halve their memory on CUDA (displacement fields
+            stay in float32). ``"auto"`` keeps the dtype of the input features.
     """
 
     levels: int = 5
@@ -72,6 +75,7 @@ class VoxelOptConfig:
     integration_steps: int = 7
     field_padding: Literal["zeros", "border"] = "border"
     feature_padding: Literal["zeros", "border"] = "zeros"
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gammas", tuple(float(g) for g in self.gammas))
@@ -108,6 +112,11 @@ class VoxelOptConfig:
             )
         if any(not g >= 0 for g in self.gammas):
             raise ValueError(f"gammas must all be >= 0, got {self.gammas!r}")
+        if self.precision not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"precision must be 'auto', 'float32', 'float16' or 'bfloat16', got "
+                f"{self.precision!r}"
+            )
         for name in ("field_padding", "feature_padding"):
             if getattr(self, name) not in ("zeros", "border"):
                 raise ValueError(f"{name} must be 'zeros' or 'border', got {getattr(self, name)!r}")

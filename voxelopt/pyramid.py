@@ -124,6 +124,9 @@ class VoxelOpt(nn.Module):
         """Like :meth:`forward`, also returning each level's entropy and sigma maps."""
         check_feature_pair(fixed, moving)
         cfg = self.config
+        if cfg.precision != "auto":
+            dtype = getattr(torch, cfg.precision)
+            fixed, moving = fixed.to(dtype), moving.to(dtype)
         shapes = pyramid_shapes(fixed.shape[2:], cfg.levels)
         if min(shapes[-1]) < MIN_COARSE_SIZE:
             usable = max(
