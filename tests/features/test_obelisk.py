@@ -182,14 +182,14 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.shared
 @pytest.mark.slow
 def test_real_ct_dice(ct_dir, obelisk_path):
-    """One extraction (default automatic crop) on the shipped CT against TotalSegmentator."""
+    """One extraction (automatic organ crop) on the shipped CT against TotalSegmentator."""
     torch.set_num_threads(2)
     ct = nib.as_closest_canonical(nib.load(ct_dir / "ct.nii.gz"))
     labels = np.asarray(
         nib.as_closest_canonical(nib.load(ct_dir / "labels_full104.nii.gz")).dataobj
     )
     hu = torch.from_numpy(np.asarray(ct.dataobj, dtype=np.float32))[None, None]
-    ext = ObeliskFeatures(weights=obelisk_path)
+    ext = ObeliskFeatures(weights=obelisk_path, crop="auto")
     start = time.perf_counter()
     with torch.no_grad():
         logits = ext(hu)

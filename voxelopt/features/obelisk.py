@@ -285,16 +285,21 @@ class ObeliskFeatures(FeatureExtractor):
 
     Crop (``crop`` argument):
 
-    * ``"auto"`` (default): a first pass on the body box finds the organs; the second, final
-      pass runs on the bounding box of the voxels it labelled as an organ, grown by ``margin``
-      of its extent per side. The box is the 1st..99th percentile range of the voxels
+    * ``"body"`` (default): the bounding box of the voxels above ``threshold`` HU; one
+      forward. Every voxel of the body gets the network's own logits, which is what
+      registration needs: with ``"auto"`` the boxes of the two images of a pair can differ and
+      the body outside them gets replicated border logits, and on our real-CT benchmark pairs
+      Dice fell from 84.2 (body) to 76.7 (auto) with the endpoint error tripled
+      (``docs/results_ablation.md``).
+    * ``"auto"``: the best segmentation; a first pass on the body box finds the organs; the
+      second, final pass runs on the bounding box of the voxels it labelled as an organ, grown
+      by ``margin`` of its extent per side. The box is the 1st..99th percentile range of the voxels
       labelled spleen or liver (the largest, most reliably found organs; other classes have
       false positives in the pelvis). The network was trained on crops around the abdominal
       organs; on the shipped 122x101x112 abdomen-pelvis CT (3 mm) this lifts Dice of the
       argmax against TotalSegmentator from 0.896 liver / 0.661 spleen / 0.765 gallbladder
       (whole volume) to 0.916 / 0.771 / 0.713 (``tests/features/test_obelisk.py``). Two
       forwards (about 6-11 s on 2 CPU cores, peak memory 1.25 GB).
-    * ``"body"``: the bounding box of the voxels above ``threshold`` HU; one forward.
     * ``"none"``: the whole volume; one forward.
     * an explicit box ``((d0, d1), (h0, h1), (w0, w1))`` (half-open voxel ranges), used for
       every volume of the batch.
@@ -313,7 +318,7 @@ class ObeliskFeatures(FeatureExtractor):
     def __init__(
         self,
         weights: str | PathLike | None = None,
-        crop: str | Sequence[Sequence[int]] = "auto",
+        crop: str | Sequence[Sequence[int]] = "body",
         margin: float = 0.25,
         threshold: float = -500.0,
         frozen: bool = True,
