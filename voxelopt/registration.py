@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from voxelopt.config import VoxelOptConfig
 from voxelopt.features import CachedExtractor, FeatureExtractor, build_extractor, normalize_pair
-from voxelopt.features.base import check_image
+from voxelopt.features.base import check_image_pair
 from voxelopt.metrics import (
     dice,
     hd95,
@@ -93,13 +93,7 @@ class VoxelOptRegistration(nn.Module):
         Returns:
             ``(fixed, moving)`` features ``(B, C, D', H', W')`` on the solver's grid.
         """
-        check_image(fixed_hu, "fixed_hu")
-        check_image(moving_hu, "moving_hu")
-        if fixed_hu.shape != moving_hu.shape:
-            raise ValueError(
-                f"fixed and moving images differ in shape: {tuple(fixed_hu.shape)} vs "
-                f"{tuple(moving_hu.shape)}; resample the moving image onto the fixed grid first"
-            )
+        fixed_hu, moving_hu = check_image_pair(fixed_hu, moving_hu)
         if self.fixed_cache is not None and not self._extractor_trainable():
             key = fixed_key if fixed_key is not None else _digest(fixed_hu)
             fixed = self.fixed_cache(fixed_hu, key)

@@ -14,12 +14,15 @@ import tempfile
 from contextlib import contextmanager
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from voxelopt.baselines.itk_space import ItkGeometry, check_affine, physical_to_voxel_displacement
-from voxelopt.features.base import check_image
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.baselines.itk_space import (
+    ArrayPeer,
+    ItkGeometry,
+    check_affine,
+    physical_to_voxel_displacement,
+)
+from voxelopt.features.intensity import DEFAULT_WINDOW
 
 __all__ = ["AntsSyN", "ants_available"]
 
@@ -60,7 +63,7 @@ def _itk_threads(threads: int | None):
                 os.environ[key] = old
 
 
-class AntsSyN(nn.Module):
+class AntsSyN(ArrayPeer):
     """ANTs symmetric normalisation as a registration model (CPU, no gradients).
 
     Args:
@@ -134,26 +137,3 @@ class AntsSyN(nn.Module):
             )
             field = ants.image_read(field_path).numpy()
         return physical_to_voxel_displacement(field, self.geometry)
-
-    def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
-        """Register ``moving_hu`` to ``fixed_hu`` (each batch element separately).
-
-        Args:
-            fixed_hu: ``(B, 1, D, H, W)`` Hounsfield units.
-            moving_hu: ``(B, 1, D, H, W)`` Hounsfield units on the same grid.
-
-        Returns:
-            ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid, on the input's
-            device and dtype.
-        """
-        fixed_hu = check_image(fixed_hu, "fixed_hu")
-        moving_hu = check_image(moving_hu, "moving_hu")
-        if fixed_hu.shape != moving_hu.shape:
-            raise ValueError(
-                f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
-                f"{tuple(moving_hu.shape)}"
-            )
-        fixed = window(fixed_hu.detach(), *self.window).cpu().double().numpy()
-        moving = window(moving_hu.detach(), *self.window).cpu().double().numpy()
-        out = [self.register_arrays(f[0], m[0]) for f, m in zip(fixed, moving, strict=True)]
-        return torch.cat(out).to(device=fixed_hu.device, dtype=fixed_hu.dtype)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelopt.cost import search_offsets
-from voxelopt.features.base import check_image
+from voxelopt.features.base import check_image_pair
 from voxelopt.features.intensity import DEFAULT_WINDOW, window
 from voxelopt.features.mind import mind_ssc
 from voxelopt.transform import check_displacement, warp
@@ -388,13 +388,7 @@ class ConvexAdam(nn.Module):
             ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid,
             ``moved(x) = moving(x + u(x))``.
         """
-        fixed_hu = check_image(fixed_hu, "fixed_hu").detach()
-        moving_hu = check_image(moving_hu, "moving_hu").detach()
-        if fixed_hu.shape != moving_hu.shape:
-            raise ValueError(
-                f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
-                f"{tuple(moving_hu.shape)}"
-            )
+        fixed_hu, moving_hu = (x.detach() for x in check_image_pair(fixed_hu, moving_hu))
         c = self.config
         shape = fixed_hu.shape[2:]
         unit = math.lcm(c.grid_spacing, c.adam_grid_spacing)

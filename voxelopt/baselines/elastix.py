@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from voxelopt.baselines.itk_space import ItkGeometry, check_affine, physical_to_voxel_displacement
-from voxelopt.features.base import check_image
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.baselines.itk_space import (
+    ArrayPeer,
+    ItkGeometry,
+    check_affine,
+    physical_to_voxel_displacement,
+)
+from voxelopt.features.intensity import DEFAULT_WINDOW
 
 __all__ = ["ElastixBSpline", "elastix_available"]
 
@@ -50,7 +53,7 @@ def elastix_available() -> tuple[bool, str]:
     return True, ""
 
 
-class ElastixBSpline(nn.Module):
+class ElastixBSpline(ArrayPeer):
     """elastix B-spline registration as a registration model (CPU, no gradients).
 
     Args:
@@ -152,26 +155,3 @@ class ElastixBSpline(nn.Module):
             threader.SetGlobalDefaultNumberOfThreads(saved)
         field = np.asarray(itk.array_from_image(field)).transpose(2, 1, 0, 3)
         return physical_to_voxel_displacement(field, self.geometry)
-
-    def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
-        """Register ``moving_hu`` to ``fixed_hu`` (each batch element separately).
-
-        Args:
-            fixed_hu: ``(B, 1, D, H, W)`` Hounsfield units.
-            moving_hu: ``(B, 1, D, H, W)`` Hounsfield units on the same grid.
-
-        Returns:
-            ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid, on the input's
-            device and dtype.
-        """
-        fixed_hu = check_image(fixed_hu, "fixed_hu")
-        moving_hu = check_image(moving_hu, "moving_hu")
-        if fixed_hu.shape != moving_hu.shape:
-            raise ValueError(
-                f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
-                f"{tuple(moving_hu.shape)}"
-            )
-        fixed = window(fixed_hu.detach(), *self.window).cpu().double().numpy()
-        moving = window(moving_hu.detach(), *self.window).cpu().double().numpy()
-        out = [self.register_arrays(f[0], m[0]) for f, m in zip(fixed, moving, strict=True)]
-        return torch.cat(out).to(device=fixed_hu.device, dtype=fixed_hu.dtype)

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from voxelopt.features.base import check_image_pair
+from voxelopt.features.intensity import window
 
 __all__ = ["ItkGeometry", "check_affine", "physical_to_voxel_displacement"]
 
@@ -92,3 +95,34 @@ def physical_to_voxel_displacement(disp_lps: np.ndarray, geometry: ItkGeometry) 
         raise ValueError(f"disp_lps must be (D, H, W, 3), got shape {d.shape}")
     vox = d @ np.linalg.inv(geometry.linear).T
     return torch.from_numpy(np.ascontiguousarray(vox.transpose(3, 0, 1, 2))).float()[None]
+
+
+class ArrayPeer(nn.Module):
+    """Base of the adapters that register one pair of numpy volumes at a time (ANTs, elastix).
+
+    Subclasses set ``self.window`` (HU) and implement ``register_arrays(fixed, moving)`` on
+    windowed ``(D, H, W)`` float64 arrays, returning a ``(1, 3, D, H, W)`` displacement in
+    voxels of the fixed grid.
+    """
+
+    window: tuple[float, float]
+
+    def register_arrays(self, fixed: np.ndarray, moving: np.ndarray) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
+        """Register ``moving_hu`` to ``fixed_hu`` (each batch element separately).
+
+        Args:
+            fixed_hu: ``(B, 1, D, H, W)`` Hounsfield units.
+            moving_hu: ``(B, 1, D, H, W)`` Hounsfield units on the same grid.
+
+        Returns:
+            ``(B, 3, D, H, W)`` displacement in voxels of the fixed grid, on the input's
+            device and dtype.
+        """
+        fixed_hu, moving_hu = check_image_pair(fixed_hu, moving_hu)
+        fixed = window(fixed_hu.detach(), *self.window).cpu().double().numpy()
+        moving = window(moving_hu.detach(), *self.window).cpu().double().numpy()
+        out = [self.register_arrays(f[0], m[0]) for f, m in zip(fixed, moving, strict=True)]
+        return torch.cat(out).to(device=fixed_hu.device, dtype=fixed_hu.dtype)

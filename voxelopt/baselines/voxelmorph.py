@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from voxelopt.features.base import check_image
+from voxelopt.features.base import check_image_pair
 from voxelopt.features.intensity import DEFAULT_WINDOW, window
 from voxelopt.transform import integrate_velocity, resize_displacement
 
@@ -147,13 +147,7 @@ class VoxelMorph(nn.Module):
             ``(B, 3, D, H, W)`` velocity (or displacement if ``integration_steps == 0``) in
             voxels.
         """
-        fixed_hu = check_image(fixed_hu, "fixed_hu")
-        moving_hu = check_image(moving_hu, "moving_hu")
-        if fixed_hu.shape != moving_hu.shape:
-            raise ValueError(
-                f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
-                f"{tuple(moving_hu.shape)}"
-            )
+        fixed_hu, moving_hu = check_image_pair(fixed_hu, moving_hu)
         x = torch.cat([window(fixed_hu, *self.window), window(moving_hu, *self.window)], dim=1)
         x = x.to(self.flow.weight.dtype)
         shape = x.shape[2:]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureExtractor", "check_image"]
+__all__ = ["FeatureExtractor", "check_image", "check_image_pair"]
 
 
 def check_image(image: Tensor, name: str = "image_hu") -> Tensor:
@@ -43,6 +43,25 @@ def check_image(image: Tensor, name: str = "image_hu") -> Tensor:
     if not bool(torch.isfinite(image).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return image
+
+
+def check_image_pair(fixed_hu: Tensor, moving_hu: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate a fixed/moving pair of ``(B, 1, D, H, W)`` images on the same grid.
+
+    Returns:
+        Both images, floating point (see :func:`check_image`).
+
+    Raises:
+        ValueError: naming the two shapes when they differ.
+    """
+    fixed_hu = check_image(fixed_hu, "fixed_hu")
+    moving_hu = check_image(moving_hu, "moving_hu")
+    if fixed_hu.shape != moving_hu.shape:
+        raise ValueError(
+            f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
+            f"{tuple(moving_hu.shape)}; resample the moving image onto the fixed grid first"
+        )
+    return fixed_hu, moving_hu
 
 
 class FeatureExtractor(nn.Module):
