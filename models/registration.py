@@ -33,7 +33,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from models.losses import RegistrationLoss
-from voxelopt.metrics import RegistrationMetrics, write_pair_csv, write_summary_markdown
+from voxelopt.metrics import (
+    SUMMARY_COLUMNS,
+    RegistrationMetrics,
+    write_pair_csv,
+    write_summary_markdown,
+)
 from voxelopt.pyramid import VoxelOpt
 from voxelopt.transform import resize_volume, warp
 
@@ -43,16 +48,6 @@ ArgminMode = Literal["hard", "soft"]
 #: the endpoint error of synthetic pairs is averaged inside the body (fixed image above this
 #: HU): in the air around it the true field moves nothing visible and is not identifiable
 BODY_HU = -500.0
-#: summary columns logged and printed (those that are ``nan`` for a dataset are skipped)
-SUMMARY_COLUMNS = (
-    "dice",
-    "hd95",
-    "sdlogj_l2r",
-    "sdlogj",
-    "nonpositive_jacobian",
-    "epe_mm",
-    "runtime_s",
-)
 
 
 class RegistrationModule(pl.LightningModule):

@@ -31,6 +31,7 @@ from voxelopt.transform import check_displacement
 __all__ = [
     "BTCV13_LABELS",
     "RegistrationMetrics",
+    "SUMMARY_COLUMNS",
     "dice",
     "dice_per_label",
     "endpoint_error",
@@ -537,18 +538,22 @@ def write_pair_csv(rows: Sequence[Mapping[str, float | str]], path: str | Path) 
     return path
 
 
+#: the summary numbers of :class:`RegistrationMetrics`, in table order
+SUMMARY_COLUMNS = (
+    "dice",
+    "hd95",
+    "sdlogj_l2r",
+    "sdlogj",
+    "nonpositive_jacobian",
+    "epe_mm",
+    "runtime_s",
+)
+
+
 def write_summary_markdown(
     summaries: Mapping[str, Mapping[str, float]],
     path: str | Path,
-    columns: Sequence[str] = (
-        "dice",
-        "hd95",
-        "sdlogj_l2r",
-        "sdlogj",
-        "nonpositive_jacobian",
-        "epe_mm",
-        "runtime_s",
-    ),
+    columns: Sequence[str] = SUMMARY_COLUMNS,
     digits: int = 4,
 ) -> Path:
     """Write a Markdown table, one row per method, of summary numbers, atomically.
