@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from models.data import PairDataModule
 from models.registration import RegistrationModule
 
-__all__ = ["EvalCLI", "RegistrationCLI", "trainer_defaults"]
+__all__ = ["EvalCLI", "LatestCheckpoint", "RegistrationCLI", "trainer_defaults"]
 
 RUNS_DIR = "runs"
 
@@ -45,6 +45,24 @@ def trainer_defaults() -> dict:
     }
 
 
+class LatestCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: the weights after the latest epoch, overwritten every epoch.
+
+    Lightning's ``save_last=True`` only copies a checkpoint when a monitored one is saved, so
+    with ``monitor="val/dice"`` its "last" was the best epoch's weights.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_epochs: int = 1) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            every_n_epochs=every_n_epochs,
+            enable_version_counter=False,
+        )
+
+
 class RegistrationCLI(LightningCLI):
     """``RegistrationModule`` + any pair DataModule, with the project's trainer defaults."""
 
@@ -54,16 +72,17 @@ class RegistrationCLI(LightningCLI):
         super().__init__(RegistrationModule, PairDataModule, subclass_mode_data=True, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """A ModelCheckpoint (``--checkpoint.*``): the best validation Dice and the last."""
+        """Checkpoints: the best validation Dice (``--checkpoint.*``) and the latest epoch
+        (``--last_checkpoint.*``, ``last.ckpt``)."""
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/dice",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch}-{step}",
             }
         )
+        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
 
 
 class EvalCLI(RegistrationCLI):

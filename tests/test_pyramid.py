@@ -146,7 +146,7 @@ class TestVoxelOpt:
 
     def test_too_many_levels_warns(self):
         f = torch.rand(1, 1, 16, 14, 18)
-        with pytest.warns(UserWarning, match=r"coarsest level \(2, 2, 3\).*levels <= 3"):
+        with pytest.warns(UserWarning, match=r"coarsest level \(2, 2, 3\).*levels <= 2"):
             VoxelOpt(levels=4)(f, f)
 
     def test_not_a_tensor(self):

@@ -29,8 +29,9 @@ __all__ = ["MIN_COARSE_SIZE", "VoxelOpt", "VoxelOptResult", "check_feature_pair"
 
 #: Below this many voxels along an axis the coarsest level's zero-padded smoothing and its
 #: +-k voxel search (each worth 2^(L-1) fine voxels) stop making sense; the reference's
-#: coarsest level at 96x80x128 is 6x5x8.
-MIN_COARSE_SIZE = 4
+#: coarsest level at 96x80x128 is 6x5x8. Measured: the real CT at half resolution
+#: (61x51x56) with 5 levels (coarsest 4x4x4) gave Dice 76.7 %, with 4 levels 86.9 %.
+MIN_COARSE_SIZE = 5
 
 
 @dataclass

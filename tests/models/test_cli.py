@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +112,8 @@ def test_fit_then_eval_checkpoint(tmp_path, synthetic_files):
     version = tmp_path / "runs" / "csv" / "version_0"
     last = version / "checkpoints" / "last.ckpt"
     assert last.is_file() and (version / "metrics.csv").is_file()
+    steps = yaml.safe_load((version / "config.yaml").read_text())["trainer"]["max_steps"]
+    assert torch.load(last, weights_only=False)["global_step"] == steps  # the latest weights
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert (version / "figures" / "val_epoch000.png").is_file()
     out = run(
