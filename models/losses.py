@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from voxelopt.transform import check_displacement, warp
 
 __all__ = [
+    "SemiSupervisedLoss",
     "ImageSimilarityLoss",
     "LabelDiceLoss",
     "RegistrationLoss",
@@ -205,3 +206,43 @@ class ImageSimilarityLoss(RegistrationLoss):
             return mse, {"mse": mse.detach()}
         ncc = local_ncc(fixed, moved, self.ncc_window)
         return 1 - ncc, {"ncc": ncc.detach()}
+
+
+class SemiSupervisedLoss(RegistrationLoss):
+    """Image similarity + ``dice_weight`` x (1 - soft label Dice) + diffusion smoothness.
+
+    VoxelMorph's semi-supervised loss ("auxiliary segmentation", Balakrishnan et al., IEEE TMI
+    2019), used by ``configs/baseline_voxelmorph_semisup.yaml``.
+
+    Args:
+        similarity: ``"ncc"`` (1 - local NCC) or ``"mse"`` of the windowed images.
+        window_hu: ``(low, high)`` HU window of the image term.
+        ncc_window: side of the local NCC window (odd, voxels).
+        dice_weight: weight of the label term (>= 0).
+        num_labels: foreground labels ``1..num_labels`` of the label term.
+        smoothness: weight of the diffusion regulariser.
+    """
+
+    def __init__(
+        self,
+        similarity: Literal["ncc", "mse"] = "ncc",
+        window_hu: tuple[float, float] = (-500.0, 800.0),
+        ncc_window: int = 9,
+        dice_weight: float = 1.0,
+        num_labels: int = 13,
+        smoothness: float = 1.0,
+    ) -> None:
+        super().__init__(smoothness)
+        if not dice_weight >= 0:
+            raise ValueError(f"dice_weight must be >= 0, got {dice_weight!r}")
+        self.image = ImageSimilarityLoss(similarity, window_hu, ncc_window, smoothness=0.0)
+        self.labels = LabelDiceLoss(num_labels, smoothness=0.0)
+        self.dice_weight = float(dice_weight)
+
+    def data_term(self, batch: dict, displacement: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        image, parts = self.image.data_term(batch, displacement)
+        labels, label_parts = self.labels.data_term(batch, displacement)
+        parts.update(label_parts)
+        parts["image_term"] = image.detach()
+        parts["label_term"] = labels.detach()
+        return image + self.dice_weight * labels, parts

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.baselines import SemiSupervisedLoss
-from models.losses import ImageSimilarityLoss, LabelDiceLoss
+from models.losses import ImageSimilarityLoss, LabelDiceLoss, SemiSupervisedLoss
 from models.registration import RegistrationModule
 from voxelopt.baselines.voxelmorph import VoxelMorph
 
