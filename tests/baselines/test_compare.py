@@ -82,10 +82,16 @@ def test_missing_package_is_skipped_with_the_reason(pairs, monkeypatch, tmp_path
     assert "- ANTs SyN: " in paths["markdown"].read_text()
 
 
-def test_voxelmorph_checkpoint_of_a_registration_module(pairs, tmp_path):
+def _voxelmorph_checkpoint(tmp_path):
+    """A tiny VoxelMorph saved as a RegistrationModule checkpoint (``model.`` prefix)."""
     model = VoxelMorph(**TINY_VXM)
     ckpt = tmp_path / "vxm.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    return ckpt
+
+
+def test_voxelmorph_checkpoint_of_a_registration_module(pairs, tmp_path):
+    ckpt = _voxelmorph_checkpoint(tmp_path)
     result = run_comparison(
         ["voxelmorph"],
         pairs,
@@ -100,9 +106,7 @@ def test_voxelmorph_checkpoint_of_a_registration_module(pairs, tmp_path):
 
 
 def test_voxelmorph_runs_at_its_training_resolution(pairs, tmp_path):
-    model = VoxelMorph(**TINY_VXM)
-    ckpt = tmp_path / "vxm.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    ckpt = _voxelmorph_checkpoint(tmp_path)
     result = run_comparison(
         ["voxelmorph"],
         pairs,

@@ -17,16 +17,16 @@ import numpy as np
 from torch import Tensor
 
 from voxelopt.baselines.itk_space import (
+    INSTALL_HINT,
     ArrayPeer,
     ItkGeometry,
     check_affine,
+    peer_available,
     physical_to_voxel_displacement,
 )
 from voxelopt.features.intensity import DEFAULT_WINDOW
 
 __all__ = ["AntsSyN", "ants_available"]
-
-INSTALL_HINT = "pip install voxelopt[peers]"
 
 
 def _import_ants():
@@ -39,11 +39,7 @@ def _import_ants():
 
 def ants_available() -> tuple[bool, str]:
     """Whether ``antspyx`` imports; the reason when it does not."""
-    try:
-        _import_ants()
-    except ImportError as exc:
-        return False, str(exc)
-    return True, ""
+    return peer_available(_import_ants)
 
 
 @contextmanager

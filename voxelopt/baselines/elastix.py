@@ -20,16 +20,16 @@ import numpy as np
 from torch import Tensor
 
 from voxelopt.baselines.itk_space import (
+    INSTALL_HINT,
     ArrayPeer,
     ItkGeometry,
     check_affine,
+    peer_available,
     physical_to_voxel_displacement,
 )
 from voxelopt.features.intensity import DEFAULT_WINDOW
 
 __all__ = ["ElastixBSpline", "elastix_available"]
-
-INSTALL_HINT = "pip install voxelopt[peers]"
 
 
 def _import_itk():
@@ -46,11 +46,7 @@ def _import_itk():
 
 def elastix_available() -> tuple[bool, str]:
     """Whether ``itk-elastix`` imports; the reason when it does not."""
-    try:
-        _import_itk()
-    except ImportError as exc:
-        return False, str(exc)
-    return True, ""
+    return peer_available(_import_itk)
 
 
 class ElastixBSpline(ArrayPeer):

@@ -97,6 +97,19 @@ def physical_to_voxel_displacement(disp_lps: np.ndarray, geometry: ItkGeometry) 
     return torch.from_numpy(np.ascontiguousarray(vox.transpose(3, 0, 1, 2))).float()[None]
 
 
+#: how to get the optional peers
+INSTALL_HINT = "pip install voxelopt[peers]"
+
+
+def peer_available(importer) -> tuple[bool, str]:
+    """Whether a peer's lazy ``importer()`` succeeds; the reason (its ImportError) when not."""
+    try:
+        importer()
+    except ImportError as exc:
+        return False, str(exc)
+    return True, ""
+
+
 class ArrayPeer(nn.Module):
     """Base of the adapters that register one pair of numpy volumes at a time (ANTs, elastix).
 
