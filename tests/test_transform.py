@@ -10,6 +10,7 @@ from scipy import ndimage
 from voxelopt.transform import (
     check_displacement,
     compose,
+    grid_sample_3d,
     identity_grid,
     integrate_velocity,
     pyramid_shapes,
@@ -37,6 +38,46 @@ def _linear_field(shape, matrix, offset, dtype=torch.float64):
     a = torch.as_tensor(matrix, dtype=dtype)
     b = torch.as_tensor(offset, dtype=dtype).view(3, 1, 1, 1)
     return (torch.einsum("ij,jdhw->idhw", a, grid) + b)[None]
+
+
+@pytest.fixture
+def threads(request):
+    """Run the test with ``request.param`` intra-op threads, restoring the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------ grid_sample_3d
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("shape", [(6, 5, 4), (3, 5, 7), (1, 1, 1)])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_grid_sample_3d_matches_grid_sample(threads, shape, mode, padding_mode):
+    # B = 1 is cut into one piece per thread (when the voxel count allows): the result must
+    # be exactly F.grid_sample's, voxel order included.
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 2, *shape, generator=g)
+    grid = torch.rand(1, *shape, 3, generator=g) * 2.4 - 1.2  # some points outside
+    ref = torch.nn.functional.grid_sample(
+        image, grid, mode=mode, padding_mode=padding_mode, align_corners=True
+    )
+    out = grid_sample_3d(image, grid, mode, padding_mode)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_grid_sample_3d_batch_and_gradcheck(threads):
+    image = torch.randn(2, 2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    grid = (torch.rand(2, 3, 4, 4, 3, dtype=torch.float64) * 1.6 - 0.8).requires_grad_()
+    ref = torch.nn.functional.grid_sample(image, grid, align_corners=True)
+    assert torch.equal(grid_sample_3d(image, grid, "bilinear", "zeros"), ref)
+    single = (image[:1].detach().requires_grad_(), grid[:1].detach().requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda i, x: grid_sample_3d(i, x, "bilinear", "border"), single, eps=1e-6, atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------------------- identity grid

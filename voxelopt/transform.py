@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "check_displacement",
     "compose",
+    "grid_sample_3d",
     "identity_grid",
     "integrate_velocity",
     "pyramid_shapes",
@@ -112,8 +113,49 @@ def warp(
     src = image if image.is_floating_point() else image.to(disp.dtype)
     if src.dtype != grid.dtype:
         grid = grid.to(src.dtype)
-    out = F.grid_sample(src, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    out = grid_sample_3d(src, grid, mode=mode, padding_mode=padding_mode)
     return out if image.is_floating_point() else out.round().to(image.dtype)
+
+
+def _cpu_chunks(batch: int, voxels: int) -> int:
+    """How many pieces a CPU ``grid_sample`` of one sample should be cut into (1: none)."""
+    threads = torch.get_num_threads()
+    if batch != 1 or threads < 2:
+        return 1
+    return next(c for c in range(threads, 0, -1) if voxels % c == 0)
+
+
+def grid_sample_3d(image: Tensor, grid: Tensor, mode: str, padding_mode: str) -> Tensor:
+    """``F.grid_sample`` (``align_corners=True``) of a ``(B, C, D, H, W)`` volume that uses
+    every CPU thread.
+
+    ATen's 3-D CPU kernel parallelises over the batch only, so a single pair ran on one
+    core. For ``B = 1`` on CPU the output grid is cut into one piece per thread, each piece
+    sampling the same image (an expanded view: no copy), and the pieces are put back in order.
+
+    Args:
+        image: ``(B, C, D, H, W)`` volume to sample.
+        grid: ``(B, D', H', W', 3)`` normalised sampling positions in (x, y, z) order.
+        mode: ``"bilinear"`` or ``"nearest"``.
+        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+
+    Returns:
+        ``(B, C, D', H', W')``, identical to ``F.grid_sample``.
+    """
+    b, c = image.shape[:2]
+    out_shape = grid.shape[1:4]
+    chunks = _cpu_chunks(b, out_shape.numel()) if image.device.type == "cpu" else 1
+    if chunks == 1:
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    pieces = grid.reshape(chunks, -1, 1, 1, 3)
+    out = F.grid_sample(
+        image.expand(chunks, *image.shape[1:]),
+        pieces,
+        mode=mode,
+        padding_mode=padding_mode,
+        align_corners=True,
+    )  # (chunks, C, N / chunks, 1, 1)
+    return out.view(chunks, c, -1).transpose(0, 1).contiguous().view(1, c, *out_shape)
 
 
 def compose(first: Tensor, second: Tensor, padding_mode: str = "border") -> Tensor:
