@@ -64,6 +64,25 @@ class TestSmooth:
         expected = reference_smooth(x, sigma, iterations)
         torch.testing.assert_close(adaptive_smooth(x, sigma, iterations), expected)
 
+    @pytest.mark.parametrize("group_channels", [1, 2, 3])
+    @pytest.mark.parametrize("adaptive", [True, False])
+    def test_channel_groups_match_reference(self, monkeypatch, group_channels, adaptive):
+        # Without a graph the channels are filtered a group at a time (cache blocking); any
+        # group size, also one that does not divide C, and batches > 1 give the same result.
+        import voxelopt.filtering as filtering
+
+        shape = (3, 4, 5)
+        monkeypatch.setattr(filtering, "_GROUP_ELEMENTS", group_channels * 60)
+        x = torch.rand(2, 5, *shape, dtype=torch.float64)
+        sigma = 0.1 + torch.rand(2, 1, *shape, dtype=torch.float64)
+        if not adaptive:
+            sigma = torch.full_like(sigma, 0.4)
+        weight = side_weight(sigma) if adaptive else side_weight(0.4)
+        expected = reference_smooth(x, sigma, 2)
+        torch.testing.assert_close(smooth(x, weight, 2), expected)
+        strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # not contiguous
+        torch.testing.assert_close(smooth(strided, weight, 2, inplace=True), expected)
+
     def test_fixed_equals_constant_map(self, dtype):
         x = torch.rand(1, 3, 5, 6, 7, dtype=dtype)
         fixed = smooth(x, side_weight(0.5))
