@@ -36,6 +36,18 @@ class TestEntropy:
             displacement_entropy(cost, beta, floor), reference_entropy(cost, beta, floor)
         )
 
+    @pytest.mark.parametrize("block", [5, 12, 1 << 14])
+    @pytest.mark.parametrize("graph", [False, True])
+    def test_blocks_and_graph_path_against_reference(self, monkeypatch, block, graph):
+        # Without a graph the entropy is computed a block of voxels at a time (12 voxels per
+        # sample here: blocks of 5 leave a remainder); with one, on the whole volume.
+        import voxelopt.entropy as entropy
+
+        monkeypatch.setattr(entropy, "_BLOCK", block)
+        cost = (torch.rand(2, 27, 2, 3, 2, dtype=torch.float64) * 3).requires_grad_(graph)
+        out = displacement_entropy(cost, 0.1, 1e-6)
+        torch.testing.assert_close(out.detach(), reference_entropy(cost.detach(), 0.1, 1e-6))
+
     def test_uniform_cost_is_max_entropy(self):
         e = displacement_entropy(torch.full((1, 27, 2, 2, 2), 0.3))
         torch.testing.assert_close(e, torch.full_like(e, math.log(27)))

@@ -32,15 +32,41 @@ def displacement_entropy(cost: Tensor, beta: float = 0.1, prob_floor: float = 1e
         raise ValueError(f"cost must be (B, K, D, H, W), got {tuple(cost.shape)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
-    prob = torch.softmax(cost * (-1.0 / beta), dim=1)
     if torch.is_grad_enabled() and cost.requires_grad:
+        prob = torch.softmax(cost * (-1.0 / beta), dim=1)
         prob = prob.clamp(min=prob_floor, max=1.0)
         prob = prob / prob.sum(dim=1, keepdim=True)
         return torch.special.entr(prob).sum(dim=1, keepdim=True)
-    # No graph: the same in place on the one probability volume.
-    prob.clamp_(min=prob_floor, max=1.0)
-    prob.div_(prob.sum(dim=1, keepdim=True))
-    return torch.special.entr(prob, out=prob).sum(dim=1, keepdim=True)
+    return _blocked_entropy(cost, beta, prob_floor)
+
+
+#: Voxels per block of the graph-free entropy: 27 x 16384 floats (1.7 MB) stay in cache.
+_BLOCK = 16384
+
+
+def _blocked_entropy(cost: Tensor, beta: float, prob_floor: float) -> Tensor:
+    """The same as the autograd path, a cache-sized block of voxels at a time.
+
+    Softmax, clamp, renormalisation, ``entr`` and the sum each sweep the whole cost volume
+    when applied to it at once (ten passes over ``K x N`` floats); block by block the volume
+    is read once and everything else happens in one reused ``(K, block)`` buffer.
+    """
+    b, k = cost.shape[:2]
+    flat = cost.reshape(b, k, -1)
+    n = flat.shape[2]
+    out = cost.new_empty((b, 1, n))
+    buffer = cost.new_empty((k, min(_BLOCK, n)))
+    for i in range(b):
+        for start in range(0, n, _BLOCK):
+            stop = min(start + _BLOCK, n)
+            p = buffer[:, : stop - start]
+            torch.mul(flat[i, :, start:stop], -1.0 / beta, out=p)
+            p.sub_(p.amax(dim=0, keepdim=True)).exp_()  # softmax over the offsets
+            p.div_(p.sum(dim=0, keepdim=True))
+            p.clamp_(min=prob_floor, max=1.0)
+            p.div_(p.sum(dim=0, keepdim=True))
+            torch.sum(torch.special.entr(p, out=p), dim=0, out=out[i, 0, start:stop])
+    return out.view(b, 1, *cost.shape[2:])
 
 
 def _per_sample(x: Tensor, reduce) -> Tensor:
