@@ -55,18 +55,20 @@ def _blocked_entropy(cost: Tensor, beta: float, prob_floor: float) -> Tensor:
     flat = cost.reshape(b, k, -1)
     n = flat.shape[2]
     out = cost.new_empty((b, 1, n))
-    buffer = cost.new_empty((k, min(_BLOCK, n)))
+    buffer = cost.new_empty((2, k, min(_BLOCK, n)))
     for i in range(b):
         for start in range(0, n, _BLOCK):
             stop = min(start + _BLOCK, n)
-            p = buffer[:, : stop - start]
+            p, log_p = buffer[0, :, : stop - start], buffer[1, :, : stop - start]
             torch.mul(flat[i, :, start:stop], -1.0 / beta, out=p)
             p.sub_(p.amax(dim=0, keepdim=True)).exp_()  # softmax over the offsets
             p.div_(p.sum(dim=0, keepdim=True))
             p.clamp_(min=prob_floor, max=1.0)
             p.div_(p.sum(dim=0, keepdim=True))
-            torch.sum(torch.special.entr(p, out=p), dim=0, out=out[i, 0, start:stop])
-    return out.view(b, 1, *cost.shape[2:])
+            # p >= prob_floor > 0, so p log p needs no special case at 0 (special.entr has
+            # one, and is 4x slower than log and a product)
+            torch.sum(torch.log(p, out=log_p).mul_(p), dim=0, out=out[i, 0, start:stop])
+    return out.neg_().view(b, 1, *cost.shape[2:])
 
 
 def _per_sample(x: Tensor, reduce) -> Tensor:
