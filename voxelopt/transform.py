@@ -63,19 +63,34 @@ def identity_grid(
 
 
 @functools.lru_cache(maxsize=8)
-def _normalised_identity(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
-    """``grid_sample`` identity ``(1, D, H, W, 3)`` in (x, y, z) = (W, H, D) order, and the
-    per-channel scale ``(3,)`` from voxels to normalised units, in that same order."""
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=device, dtype=dtype)
-    base = identity_grid(shape, device, dtype) * scale.view(1, 3, 1, 1, 1) - 1.0
-    return base.permute(0, 2, 3, 4, 1).flip(-1).contiguous(), scale.flip(0)
+def _normalised_axes(
+    shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[list[Tensor], list[float]]:
+    """Per spatial axis ``i``, the ``grid_sample`` coordinate of every voxel index as a
+    broadcastable ``(1, D, 1, 1)`` / ``(1, 1, H, 1)`` / ``(1, 1, 1, W)`` tensor, and the scale
+    from voxels to those normalised units."""
+    scales = [2.0 / max(n - 1, 1) for n in shape]
+    axes = []
+    for i, (n, scale) in enumerate(zip(shape, scales, strict=True)):
+        view = [1, 1, 1, 1]
+        view[1 + i] = n
+        axes.append((torch.arange(n, device=device, dtype=dtype) * scale - 1.0).view(view))
+    return axes, scales
 
 
 def _sampling_grid(disp: Tensor) -> Tensor:
-    """``grid_sample`` grid ``(B, D, H, W, 3)`` (x = W, y = H, z = D order) for ``x + u(x)``."""
-    base, scale = _normalised_identity(tuple(disp.shape[2:]), disp.device, disp.dtype)
-    # channels (D, H, W) -> last axis in grid_sample's (x, y, z) = (W, H, D) order
-    return torch.addcmul(base, disp.flip(1).permute(0, 2, 3, 4, 1), scale)
+    """``grid_sample`` grid ``(B, D, H, W, 3)`` (x = W, y = H, z = D order) for ``x + u(x)``.
+
+    Channel ``i`` of ``disp`` (axis ``i``) goes to grid component ``2 - i``: one fused
+    ``axis + scale * u_i`` per axis, written straight into the interleaved grid.
+    """
+    axes, scales = _normalised_axes(tuple(disp.shape[2:]), disp.device, disp.dtype)
+    if torch.is_grad_enabled() and disp.requires_grad:
+        return torch.stack([axes[i] + disp[:, i] * scales[i] for i in (2, 1, 0)], dim=-1)
+    grid = disp.new_empty((disp.shape[0], *disp.shape[2:], 3))
+    for i in range(3):
+        torch.add(axes[i], disp[:, i], alpha=scales[i], out=grid[..., 2 - i])
+    return grid
 
 
 def warp(
