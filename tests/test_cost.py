@@ -54,8 +54,9 @@ class TestCostVolume:
 
     @pytest.mark.parametrize("k", [1, 2])
     @pytest.mark.parametrize("shape", [(4, 5, 6), (3, 3, 3), (2, 7, 4)])
-    def test_against_loops(self, k, shape):
-        f = torch.rand(2, 3, *shape, dtype=torch.float64)
+    @pytest.mark.parametrize("channels", [1, 3])
+    def test_against_loops(self, k, shape, channels):
+        f = torch.rand(2, channels, *shape, dtype=torch.float64)
         m = torch.rand_like(f)
         torch.testing.assert_close(cost_volume(f, m, k), reference_cost(f, m, k))
 

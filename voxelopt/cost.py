@@ -7,8 +7,8 @@ For features ``F`` (fixed) and ``M`` (moving), search half-width ``k`` and every
 
 Lower is better. Both volumes are zero-padded once and flattened; on the padded grid an offset
 is a constant shift of the flat index, so each offset compares two contiguous slices. No
-unfolded windows are materialised: beyond the output, the working memory is one feature-sized
-buffer.
+unfolded windows are materialised: beyond the output, the working memory is two single-channel
+buffers.
 """
 
 from __future__ import annotations
@@ -86,13 +86,18 @@ def cost_volume(fixed: Tensor, moving: Tensor, kernel_size: int = 1) -> Tensor:
             costs.append(F.pad(flat, (0, 2 * start)).view(b, dp, hp, wp)[:, :d, :h, :w])
         return torch.stack(costs, dim=1) / c
 
+    # No graph: the channel sum is accumulated one channel at a time, so the two
+    # single-channel buffers stay in cache while the features stream past (a (B, C, N)
+    # difference volume, its abs and its sum took three sweeps of C x N floats per offset).
     out = fixed.new_empty((b, len(shifts), d, h, w))
-    diff = torch.empty_like(fixed_flat)
     summed = fixed.new_empty((b, span))
+    diff = torch.empty_like(summed)
     interior = (b, d, h, w), (span, hp * wp, wp, 1)  # interior voxels inside `summed`
     for n, s in enumerate(shifts):
-        torch.sub(fixed_flat, moving_flat[..., start + s : start + s + span], out=diff)
-        diff.abs_()
-        torch.sum(diff, dim=1, out=summed)
+        shifted = moving_flat[..., start + s : start + s + span]
+        torch.sub(fixed_flat[:, 0], shifted[:, 0], out=summed).abs_()
+        for channel in range(1, c):
+            torch.sub(fixed_flat[:, channel], shifted[:, channel], out=diff)
+            summed.add_(diff.abs_())
         out[:, n].copy_(summed.as_strided(*interior))
     return out.mul_(1.0 / c)
