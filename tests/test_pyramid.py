@@ -144,6 +144,19 @@ class TestVoxelOpt:
         with pytest.raises(ValueError, match=match):
             VoxelOpt()(fixed, moving)
 
+    @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+    def test_single_non_finite_voxel(self, bad):
+        moving = torch.rand(1, 2, 4, 4, 4)
+        moving[0, 1, 2, 3, 1] = bad
+        with pytest.raises(ValueError, match="moving features contain NaN or Inf"):
+            VoxelOpt(levels=1)(torch.rand(1, 2, 4, 4, 4), moving)
+
+    def test_huge_finite_features_accepted(self):
+        # their sum overflows to Inf; the check must still see that every voxel is finite
+        f = torch.full((1, 1, 4, 4, 4), 3e38)
+        assert torch.isinf(f.sum())
+        assert torch.isfinite(VoxelOpt(levels=1)(f, f)).all()
+
     def test_too_many_levels_warns(self):
         f = torch.rand(1, 1, 16, 14, 18)
         with pytest.warns(UserWarning, match=r"coarsest level \(2, 2, 3\).*levels <= 2"):

@@ -58,6 +58,12 @@ class VoxelOptResult:
         return self.levels[0].sigma
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element is finite: one sum (a NaN or Inf anywhere makes it non-finite),
+    and the element-wise test only when the sum is not finite (NaN, Inf or overflow)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_feature_pair(fixed: Tensor, moving: Tensor) -> None:
     """Raise a one-line ``ValueError``/``TypeError`` unless the pair can be registered."""
     for name, t in (("fixed", fixed), ("moving", moving)):
@@ -69,7 +75,7 @@ def check_feature_pair(fixed: Tensor, moving: Tensor) -> None:
             raise ValueError(f"{name} features must be floating point, got {t.dtype}")
         if t.numel() == 0:
             raise ValueError(f"{name} features are empty: {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
+        if not _all_finite(t):
             raise ValueError(f"{name} features contain NaN or Inf values")
     if fixed.shape != moving.shape:
         raise ValueError(
