@@ -7,11 +7,13 @@ features of the given size, one warm-up, then the median of ``--repeats`` timed 
 Usage:
     python benchmarks/bench_solver.py                      # full table, updates BENCHMARKS.md
     python benchmarks/bench_solver.py --sizes 96x80x128 --channels 8 --no-write
+    python benchmarks/bench_solver.py --allocator keep   # only with keep_freed_memory()
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import re
@@ -30,11 +32,14 @@ REFERENCE_S = {"96x80x128": 12.4, "192x160x256": 138.0}
 REFERENCE_PEAK_GB = {"96x80x128": 1.5}
 
 
-def _child(size: str, channels: int, repeats: int, threads: int, config: str) -> None:
+def _child(size: str, channels: int, repeats: int, threads: int, config: str, keep: bool) -> None:
     import torch
 
     from voxelopt import VoxelOpt, VoxelOptConfig
+    from voxelopt.allocator import keep_freed_memory
 
+    if keep and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs Linux with glibc")
     torch.set_num_threads(threads)
     shape = tuple(int(s) for s in size.split("x"))
     g = torch.Generator().manual_seed(0)
@@ -62,7 +67,9 @@ def _child(size: str, channels: int, repeats: int, threads: int, config: str) ->
     )
 
 
-def run_case(size: str, channels: int, repeats: int, threads: int, config: str) -> dict:
+def run_case(
+    size: str, channels: int, repeats: int, threads: int, config: str, keep: bool = False
+) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -72,6 +79,7 @@ def run_case(size: str, channels: int, repeats: int, threads: int, config: str) 
         str(repeats),
         str(threads),
         config,
+        str(int(keep)),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -79,7 +87,14 @@ def run_case(size: str, channels: int, repeats: int, threads: int, config: str) 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+        _child(
+            sys.argv[2],
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            int(sys.argv[5]),
+            sys.argv[6],
+            sys.argv[7] == "1",
+        )
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["96x80x128", "192x160x256"])
@@ -88,17 +103,24 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--config", default="{}", help="VoxelOptConfig fields as JSON")
     p.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md")
+    p.add_argument(
+        "--allocator",
+        nargs="+",
+        choices=["default", "keep"],
+        default=["default", "keep"],
+        help="malloc policy: as is, and/or voxelopt.allocator.keep_freed_memory()",
+    )
     args = p.parse_args()
 
     rows = []
     for size in args.sizes:
-        for c in args.channels:
-            r = run_case(size, c, args.repeats, args.threads, args.config)
+        for c, allocator in itertools.product(args.channels, args.allocator):
+            r = run_case(size, c, args.repeats, args.threads, args.config, allocator == "keep")
             ref = REFERENCE_S.get(size)
             ratio = f"{ref / r['median_s']:.1f}x" if ref else "-"
             ref_mem = REFERENCE_PEAK_GB.get(size)
             rows.append(
-                f"| {size} | {c} | {r['median_s']:.2f} | {min(r['times']):.2f} | "
+                f"| {size} | {c} | {allocator} | {r['median_s']:.2f} | {min(r['times']):.2f} | "
                 f"{r['peak_gb']:.2f} | {r['inputs_gb']:.2f} | "
                 f"{ref if ref else '-'} | {ratio} | {ref_mem if ref_mem else '-'} |"
             )
@@ -112,9 +134,9 @@ def main() -> None:
             f"{__import__('torch').__version__}, config {args.config}, "
             f"median of {args.repeats} after one warm-up, {time.strftime('%Y-%m-%d')}.",
             "",
-            "| size (D x H x W) | channels | median s | best s | peak RSS GB | RSS before solve GB "
-            "| reference s | speed-up | reference peak GB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| size (D x H x W) | channels | allocator | median s | best s | peak RSS GB "
+            "| RSS before solve GB | reference s | speed-up | reference peak GB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
             MARK_END,
         ]

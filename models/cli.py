@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from models.data import PairDataModule
 from models.registration import RegistrationModule
+from voxelopt.allocator import configure_from_environment
 
 __all__ = ["EvalCLI", "LatestCheckpoint", "RegistrationCLI", "trainer_defaults"]
 
@@ -67,6 +68,7 @@ class RegistrationCLI(LightningCLI):
     """``RegistrationModule`` + any pair DataModule, with the project's trainer defaults."""
 
     def __init__(self, **kwargs) -> None:
+        configure_from_environment()
         kwargs.setdefault("trainer_defaults", trainer_defaults())
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(RegistrationModule, PairDataModule, subclass_mode_data=True, **kwargs)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from models.registration import BODY_HU
+from voxelopt.allocator import configure_from_environment
 from voxelopt.metrics import BTCV13_LABELS, RegistrationMetrics, write_pair_csv
 from voxelopt.transform import resize_displacement, resize_volume, warp
 
@@ -504,6 +505,7 @@ def build_parser():
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``compare.py``; bad input exits with code 2 and a one-line message."""
     args = build_parser().parse_args(argv)
+    configure_from_environment()
     try:
         _check_methods(args.methods)
         pairs = make_pairs(

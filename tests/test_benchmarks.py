@@ -26,7 +26,8 @@ def test_bench_solver_tiny_case():
         "--no-write",
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300).stdout
-    row = [line for line in out.splitlines() if line.startswith("| 16x16x20 | 2 |")]
-    assert len(row) == 1
-    median_s = float(row[0].split("|")[3])
-    assert 0 < median_s < 60
+    rows = [line for line in out.splitlines() if line.startswith("| 16x16x20 | 2 |")]
+    assert [row.split("|")[3].strip() for row in rows] == ["default", "keep"]
+    for row in rows:
+        median_s = float(row.split("|")[4])
+        assert 0 < median_s < 60

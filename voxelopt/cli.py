@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from voxelopt.allocator import configure_from_environment
 from voxelopt.config import VoxelOptConfig
 from voxelopt.features import EXTRACTORS, build_extractor
 from voxelopt.io import (
@@ -341,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``voxelopt`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_from_environment()
     try:
         if args.command == "register":
             return run_register(args)
