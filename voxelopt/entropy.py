@@ -54,11 +54,12 @@ def _blocked_entropy(cost: Tensor, beta: float, prob_floor: float) -> Tensor:
     b, k = cost.shape[:2]
     flat = cost.reshape(b, k, -1)
     n = flat.shape[2]
+    block = min(_BLOCK, n) if cost.device.type == "cpu" else n  # blocks help CPU caches only
     out = cost.new_empty((b, 1, n))
-    buffer = cost.new_empty((2, k, min(_BLOCK, n)))
+    buffer = cost.new_empty((2, k, block))
     for i in range(b):
-        for start in range(0, n, _BLOCK):
-            stop = min(start + _BLOCK, n)
+        for start in range(0, n, block):
+            stop = min(start + block, n)
             p, log_p = buffer[0, :, : stop - start], buffer[1, :, : stop - start]
             torch.mul(flat[i, :, start:stop], -1.0 / beta, out=p)
             p.sub_(p.amax(dim=0, keepdim=True)).exp_()  # softmax over the offsets

@@ -97,7 +97,9 @@ def smooth(x: Tensor, weight: Tensor | float, iterations: int = 3, inplace: bool
     out = x if inplace and x.is_contiguous() else x.clone(memory_format=torch.contiguous_format)
     double_weight = 2.0 * weight
     batch, channels = out.shape[:2]
-    group = max(1, min(channels, _GROUP_ELEMENTS // out[0, 0].numel()))
+    group = channels
+    if out.device.type == "cpu":  # a GPU gains nothing from it and pays a launch per op
+        group = max(1, min(channels, _GROUP_ELEMENTS // out[0, 0].numel()))
     half_sum = torch.empty_like(out[:1, :group])
     for b in range(batch):
         w = double_weight[b : b + 1] if isinstance(weight, Tensor) else double_weight
