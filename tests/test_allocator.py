@@ -66,7 +66,9 @@ def test_not_linux(monkeypatch):
         allocator._glibc.cache_clear()
 
 
-@pytest.mark.parametrize("value, applied", [("0", False), (" 0 ", False), ("1", True), (None, True)])
+@pytest.mark.parametrize(
+    "value, applied", [("0", False), (" 0 ", False), ("1", True), (None, True)]
+)
 def test_configure_from_environment(monkeypatch, value, applied):
     calls = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)

@@ -53,7 +53,7 @@ def keep_freed_memory() -> bool:
     Raises glibc's ``mmap`` and trim thresholds to 2 GB, so that the solver's large temporary
     tensors are recycled instead of being page-faulted in anew each time. Resident memory
     then stays near the peak after a registration, and the peak itself grows a little (the
-    heap fragments: +14 % at 192x160x256, unchanged at 96x80x128; see BENCHMARKS.md). Call it
+    heap fragments: +14-23 % at 192x160x256, unchanged at 96x80x128; see BENCHMARKS.md). Call it
     once, early; it affects the whole process.
 
     Returns:
