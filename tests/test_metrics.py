@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
@@ -20,8 +19,6 @@ from voxelopt.metrics import (
     mean_over_labels,
     nonpositive_jacobian_fraction,
     sdlogj,
-    write_pair_csv,
-    write_summary_markdown,
 )
 
 
@@ -404,29 +401,6 @@ def test_registration_metrics_empty_and_errors():
         m.update(["x" * 200, "b"], moved, fixed, disp)
     with pytest.raises(ValueError, match="labels"):
         RegistrationMetrics(labels=[])
-
-
-def test_write_csv_and_markdown(tmp_path):
-    fixed, moved, disp, true = _batch(4)
-    m = RegistrationMetrics(labels=[1, 2], spacing=(1.0, 2.0, 3.0))
-    m.update(["a", "b"], moved, fixed, disp, true, runtime_s=0.25)
-    path = write_pair_csv(m.rows(), tmp_path / "pairs.csv")
-    with open(path) as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["pair"] for r in rows] == ["a", "b"]
-    assert float(rows[0]["dice_1"]) == pytest.approx(m.rows()[0]["dice_1"])
-    md = write_summary_markdown(
-        {"voxelopt": m.compute(), "initial": {"dice": 0.3}}, tmp_path / "summary.md"
-    )
-    lines = md.read_text().splitlines()
-    assert lines[0].startswith("| method | dice | hd95")
-    assert lines[2].startswith("| voxelopt | ")
-    assert lines[3].startswith("| initial | 0.3 | - |")
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
-    with pytest.raises(ValueError, match="empty"):
-        write_pair_csv([], tmp_path / "x.csv")
-    with pytest.raises(ValueError, match="empty"):
-        write_summary_markdown({}, tmp_path / "x.md")
 
 
 def _ddp_worker(rank, world, port, result_file):

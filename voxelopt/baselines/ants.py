@@ -24,7 +24,7 @@ from voxelopt.baselines.itk_space import (
     peer_available,
     physical_to_voxel_displacement,
 )
-from voxelopt.features.intensity import DEFAULT_WINDOW
+from voxelopt.ct import HU_WINDOW
 
 __all__ = ["AntsSyN", "ants_available"]
 
@@ -80,8 +80,8 @@ class AntsSyN(ArrayPeer):
         affine=None,
         type_of_transform: str = "SyN",
         threads: int | None = None,
-        window_low: float = DEFAULT_WINDOW[0],
-        window_high: float = DEFAULT_WINDOW[1],
+        window_low: float = HU_WINDOW[0],
+        window_high: float = HU_WINDOW[1],
         **registration_kwargs,
     ) -> None:
         super().__init__()

@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelopt.cost import search_offsets
+from voxelopt.ct import HU_WINDOW
 from voxelopt.features.base import check_image_pair
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.features.intensity import window
 from voxelopt.features.mind import mind_ssc
 from voxelopt.transform import check_displacement, warp
 
@@ -78,8 +79,8 @@ class ConvexAdamConfig:
         adam_smoothing: box filters (kernel 3) applied to the optimised field before use.
     """
 
-    window_low: float = DEFAULT_WINDOW[0]
-    window_high: float = DEFAULT_WINDOW[1]
+    window_low: float = HU_WINDOW[0]
+    window_high: float = HU_WINDOW[1]
     mind_radius: int = 1
     mind_dilation: int = 2
     grid_spacing: int = 6

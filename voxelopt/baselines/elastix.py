@@ -27,7 +27,7 @@ from voxelopt.baselines.itk_space import (
     peer_available,
     physical_to_voxel_displacement,
 )
-from voxelopt.features.intensity import DEFAULT_WINDOW
+from voxelopt.ct import HU_WINDOW
 
 __all__ = ["ElastixBSpline", "elastix_available"]
 
@@ -76,8 +76,8 @@ class ElastixBSpline(ArrayPeer):
         iterations: int = 256,
         parameters: Mapping[str, Sequence[str] | str] | None = None,
         threads: int | None = None,
-        window_low: float = DEFAULT_WINDOW[0],
-        window_high: float = DEFAULT_WINDOW[1],
+        window_low: float = HU_WINDOW[0],
+        window_high: float = HU_WINDOW[1],
     ) -> None:
         super().__init__()
         self.geometry = ItkGeometry.from_affine(check_affine(affine))

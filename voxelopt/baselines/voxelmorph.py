@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from voxelopt.ct import HU_WINDOW
 from voxelopt.features.base import check_image_pair
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.features.intensity import window
 from voxelopt.transform import integrate_velocity, resize_displacement
 
 __all__ = ["UNet3d", "VoxelMorph"]
@@ -112,8 +113,8 @@ class VoxelMorph(nn.Module):
         integration_steps: int = 7,
         int_downsize: int = 2,
         init_std: float = 1e-5,
-        window_low: float = DEFAULT_WINDOW[0],
-        window_high: float = DEFAULT_WINDOW[1],
+        window_low: float = HU_WINDOW[0],
+        window_high: float = HU_WINDOW[1],
     ) -> None:
         super().__init__()
         if not isinstance(integration_steps, int) or integration_steps < 0:

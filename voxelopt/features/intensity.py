@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["DEFAULT_WINDOW", "window"]
+from voxelopt.ct import HU_WINDOW
 
-DEFAULT_WINDOW = (-500.0, 800.0)
-"""The reference implementation's CT window in HU (clip, then scale to [0, 1])."""
+__all__ = ["window"]
 
 
-def window(hu: Tensor, low: float = DEFAULT_WINDOW[0], high: float = DEFAULT_WINDOW[1]) -> Tensor:
+def window(hu: Tensor, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1]) -> Tensor:
     """Clip Hounsfield units to ``[low, high]`` and scale them linearly to ``[0, 1]``.
 
     Args:

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from voxelopt.ct import HU_WINDOW
 from voxelopt.features.base import FeatureExtractor, check_image
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.features.intensity import window
 
 __all__ = ["MIND_PAIRS", "MindSSC", "mind_ssc"]
 
@@ -96,8 +97,8 @@ class MindSSC(FeatureExtractor):
         self,
         radius: int = 1,
         dilation: int = 2,
-        low: float = DEFAULT_WINDOW[0],
-        high: float = DEFAULT_WINDOW[1],
+        low: float = HU_WINDOW[0],
+        high: float = HU_WINDOW[1],
     ) -> None:
         super().__init__(out_channels=len(MIND_PAIRS), pair_normalize=False)
         if not isinstance(radius, int) or radius < 0:

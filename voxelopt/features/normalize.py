@@ -5,16 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from voxelopt.checks import check_features
+
 __all__ = ["normalize_pair"]
-
-
-def _check(feat: Tensor, name: str) -> None:
-    if not isinstance(feat, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(feat).__name__}")
-    if feat.dim() != 5:
-        raise ValueError(f"{name} must have shape (B, C, D, H, W), got {tuple(feat.shape)}")
-    if not feat.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {feat.dtype}")
 
 
 def normalize_pair(
@@ -34,8 +27,8 @@ def normalize_pair(
     Returns:
         ``(fixed, moving)`` with the input shapes, values in ``[0, 1]``.
     """
-    _check(fixed_feat, "fixed_feat")
-    _check(moving_feat, "moving_feat")
+    check_features(fixed_feat, "fixed_feat")
+    check_features(moving_feat, "moving_feat")
     if fixed_feat.shape[:2] != moving_feat.shape[:2]:
         raise ValueError(
             f"fixed_feat and moving_feat must share (B, C), got {tuple(fixed_feat.shape[:2])} "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from voxelopt.ct import HU_WINDOW
 from voxelopt.features.base import FeatureExtractor
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.features.intensity import window
 
 __all__ = ["RawIntensity"]
 
@@ -18,7 +19,7 @@ class RawIntensity(FeatureExtractor):
         high: upper window bound (HU).
     """
 
-    def __init__(self, low: float = DEFAULT_WINDOW[0], high: float = DEFAULT_WINDOW[1]) -> None:
+    def __init__(self, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1]) -> None:
         super().__init__(out_channels=1, pair_normalize=False)
         if not float(low) < float(high):
             raise ValueError(f"window bounds must satisfy low < high, got low={low}, high={high}")

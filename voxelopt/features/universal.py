@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from voxelopt.ct import HU_WINDOW
 from voxelopt.features.base import FeatureExtractor
-from voxelopt.features.intensity import DEFAULT_WINDOW, window
+from voxelopt.features.intensity import window
 
 __all__ = ["UniversalFeatures", "UniversalNet", "UniversalUNet3D", "load_universal_checkpoint"]
 
@@ -199,8 +200,8 @@ class UniversalFeatures(FeatureExtractor):
     def __init__(
         self,
         weights: str | PathLike | Mapping[str, object],
-        low: float = DEFAULT_WINDOW[0],
-        high: float = DEFAULT_WINDOW[1],
+        low: float = HU_WINDOW[0],
+        high: float = HU_WINDOW[1],
         frozen: bool = True,
     ) -> None:
         super().__init__(out_channels=8, pair_normalize=True)

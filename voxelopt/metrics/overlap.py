@@ -1,0 +1,127 @@
+"""Label overlap: Dice per label (one pair or a batch) and nan-aware means over labels.
+
+A label absent from **both** maps is left out (not counted as 1 or 0); means ignore ``nan``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from voxelopt.checks import check_label_array
+
+__all__ = ["dice", "dice_per_label", "label_pair", "mean_over_labels"]
+
+ArrayLike = Tensor | np.ndarray
+
+
+def label_pair(
+    pred: ArrayLike, target: ArrayLike, labels: Iterable[int] | None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    p = check_label_array(pred, "pred_labels")
+    t = check_label_array(target, "target_labels")
+    if p.shape != t.shape:
+        raise ValueError(f"label maps differ in shape: pred {p.shape}, target {t.shape}")
+    if labels is None:
+        found = np.union1d(np.unique(p), np.unique(t))
+        labels = [int(v) for v in found if v != 0]
+    else:
+        labels = [int(v) for v in labels]
+    return p, t, labels
+
+
+def dice(
+    pred_labels: ArrayLike, target_labels: ArrayLike, labels: Iterable[int] | None = None
+) -> dict[int, float]:
+    """Dice overlap per label.
+
+    Args:
+        pred_labels: integer label map of any shape, e.g. ``(D, H, W)`` (warped moving labels).
+        target_labels: integer label map of the same shape (fixed labels).
+        labels: labels to score; default every non-zero label found in either map.
+
+    Returns:
+        ``{label: dice}`` in ``[0, 1]``; labels absent from both maps are left out.
+    """
+    p, t, labels = label_pair(pred_labels, target_labels, labels)
+    out: dict[int, float] = {}
+    for lab in labels:
+        pm, tm = p == lab, t == lab
+        total = int(pm.sum()) + int(tm.sum())
+        if total == 0:
+            continue
+        out[lab] = 2.0 * float(np.logical_and(pm, tm).sum()) / total
+    return out
+
+
+def dice_per_label(pred_labels: Tensor, target_labels: Tensor, labels: Sequence[int]) -> Tensor:
+    """Batched Dice per label as a tensor.
+
+    Args:
+        pred_labels: ``(B, 1, D, H, W)`` or ``(B, D, H, W)`` integer labels.
+        target_labels: same shape as ``pred_labels``.
+        labels: the ``L`` labels to score.
+
+    Returns:
+        ``(B, L)`` float64 Dice; ``nan`` where a label is absent from both maps of a pair.
+    """
+    if not isinstance(pred_labels, Tensor) or not isinstance(target_labels, Tensor):
+        raise TypeError("pred_labels and target_labels must be torch.Tensors")
+    if pred_labels.shape != target_labels.shape:
+        raise ValueError(
+            f"label maps differ in shape: pred {tuple(pred_labels.shape)}, "
+            f"target {tuple(target_labels.shape)}"
+        )
+    if pred_labels.dim() not in (4, 5):
+        raise ValueError(
+            f"labels must be (B, 1, D, H, W) or (B, D, H, W), got {tuple(pred_labels.shape)}"
+        )
+    p = pred_labels.reshape(pred_labels.shape[0], -1)
+    t = target_labels.reshape(target_labels.shape[0], -1)
+    dense = _dice_from_counts(p, t, labels)
+    if dense is not None:
+        return dense
+    out = torch.empty(p.shape[0], len(labels), dtype=torch.float64, device=p.device)
+    for j, lab in enumerate(labels):
+        pm, tm = p == lab, t == lab
+        total = (pm.sum(1) + tm.sum(1)).double()
+        inter = (pm & tm).sum(1).double()
+        out[:, j] = torch.where(total > 0, 2.0 * inter / total.clamp_min(1), float("nan"))
+    return out
+
+
+def _dice_from_counts(p: Tensor, t: Tensor, labels: Sequence[int]) -> Tensor | None:
+    """Dice of ``(B, N)`` maps from one joint histogram per pair (labels in ``[0, 256)``;
+    ``None`` otherwise): one pass instead of three per label."""
+    if p.is_floating_point() or p.numel() == 0 or not labels:
+        return None
+    n = max(int(max(p.max(), t.max())), max(labels)) + 1
+    if min(int(min(p.min(), t.min())), min(labels)) < 0 or n > 256:
+        return None
+    lab = torch.as_tensor(list(labels), device=p.device)
+    out = torch.empty(p.shape[0], len(labels), dtype=torch.float64, device=p.device)
+    for b in range(p.shape[0]):
+        joint = torch.bincount(p[b].long() * n + t[b].long(), minlength=n * n).view(n, n)
+        inter = joint.diagonal()[lab].double()
+        total = (joint.sum(1)[lab] + joint.sum(0)[lab]).double()
+        out[b] = torch.where(total > 0, 2.0 * inter / total.clamp_min(1), float("nan"))
+    return out
+
+
+def mean_over_labels(values: Mapping[int, float] | Tensor) -> float | Tensor:
+    """Mean of per-label values ignoring ``nan`` (e.g. of :func:`dice` or :func:`hd95`).
+
+    Args:
+        values: ``{label: value}`` or a ``(B, L)`` tensor.
+
+    Returns:
+        A float (``nan`` if no finite value) or a ``(B,)`` tensor.
+    """
+    if isinstance(values, Tensor):
+        return values.nanmean(dim=-1)
+    finite = [v for v in values.values() if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
