@@ -20,11 +20,7 @@ displacement`` (``(B, 1, D, H, W)`` HU in, ``(B, 3, D, H, W)`` voxels out), e.g.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,21 +29,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from models.losses import RegistrationLoss
-from voxelopt.metrics import (
-    SUMMARY_COLUMNS,
-    RegistrationMetrics,
-    write_pair_csv,
-    write_summary_markdown,
-)
-from voxelopt.pyramid import VoxelOpt
-from voxelopt.transform import resize_volume, warp
+from voxelopt.evaluation import SUMMARY_COLUMNS, register_and_score
+from voxelopt.metrics.aggregate import RegistrationMetrics
+from voxelopt.registration import ArgminMode, argmin_mode
+from voxelopt.tables import markdown_table, summary_rows, write_csv, write_text
+from voxelopt.transform import warp
 
 __all__ = ["RegistrationModule"]
-
-ArgminMode = Literal["hard", "soft"]
-#: the endpoint error of synthetic pairs is averaged inside the body (fixed image above this
-#: HU): in the air around it the true field moves nothing visible and is not identifiable
-BODY_HU = -500.0
 
 
 class RegistrationModule(pl.LightningModule):
@@ -115,34 +103,12 @@ class RegistrationModule(pl.LightningModule):
         """``(B, 1, D, H, W)`` HU pair -> ``(B, 3, D, H, W)`` displacement in voxels."""
         return self.model(fixed_hu, moving_hu)
 
-    @contextmanager
-    def argmin(self, mode: ArgminMode | None) -> Iterator[None]:
-        """Temporarily set the argmin of every VoxelOpt solver inside the model."""
-        solvers = [m for m in self.model.modules() if isinstance(m, VoxelOpt)]
-        saved = [s.config for s in solvers]
-        if mode is not None:
-            for s in solvers:
-                s.config = s.config.replace(argmin=mode)
-        try:
-            yield
-        finally:
-            for s, config in zip(solvers, saved, strict=True):
-                s.config = config
-
-    def _register(self, batch: dict, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Displacement (and the finest entropy map on the image grid, when available)."""
-        fixed, moving = batch["fixed"], batch["moving"]
-        if with_entropy and hasattr(self.model, "solve"):
-            result = self.model.solve(fixed, moving)
-            return result.displacement, resize_volume(result.entropy.float(), fixed.shape[2:])
-        return self(fixed, moving), None
-
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.loss is None:
             raise ValueError("RegistrationModule.loss is None: set a loss to fine-tune")
-        with self.argmin(self.train_argmin):
-            disp, _ = self._register(batch)
+        with argmin_mode(self.model, self.train_argmin):
+            disp = self(batch["fixed"], batch["moving"])
         loss, parts = self.loss(batch, disp)
         size = disp.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
@@ -162,28 +128,21 @@ class RegistrationModule(pl.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, batch: dict, metrics: RegistrationMetrics, with_entropy: bool):
         """Register and score a batch; returns the displacement and the entropy map."""
-        with self.argmin(self.eval_argmin):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            start = time.perf_counter()
-            disp, entropy = self._register(batch, with_entropy)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            runtime = (time.perf_counter() - start) / disp.shape[0]
-        moved_labels = warp(batch["moving_label"], disp, mode="nearest")
-        true = batch.get("true_disp")
-        for k, pair in enumerate(batch["pair"]):
-            metrics.spacing = tuple(float(s) for s in batch["spacing"][k])
-            metrics.update(
-                [pair],
-                moved_labels[k : k + 1],
-                batch["fixed_label"][k : k + 1],
-                disp[k : k + 1],
-                None if true is None else true[k : k + 1],
-                runtime,
-                epe_mask=batch["fixed"][k : k + 1] > BODY_HU,
-            )
-        return disp, entropy
+        result = register_and_score(
+            self.model,
+            batch["fixed"],
+            batch["moving"],
+            spacing=batch["spacing"],
+            fixed_labels=batch["fixed_label"],
+            moving_labels=batch["moving_label"],
+            true_displacement=batch.get("true_disp"),
+            labels=metrics.labels,
+            argmin=self.eval_argmin,
+            with_entropy=with_entropy,
+        )
+        for pair, scores in zip(batch["pair"], result.scores, strict=True):
+            metrics.add(pair, scores)
+        return result.displacement, result.entropy
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         want_figure = (
@@ -200,8 +159,8 @@ class RegistrationModule(pl.LightningModule):
         self._evaluate(batch, self.test_metrics, False)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        with self.argmin(self.eval_argmin):
-            disp, _ = self._register(batch)
+        with argmin_mode(self.model, self.eval_argmin):
+            disp = self(batch["fixed"], batch["moving"])
         return {"pair": batch["pair"], "displacement": disp.cpu()}
 
     def _log_summary(self, stage: str, summary: dict[str, float]) -> None:
@@ -238,22 +197,13 @@ class RegistrationModule(pl.LightningModule):
         out = Path(self.results_dir) if self.results_dir else self._output_dir()
         out.mkdir(parents=True, exist_ok=True)
         rows = sorted(rows, key=lambda r: str(r["pair"]))
-        csv_path = write_pair_csv(rows, out / "pairs.csv")
-        md_path = write_summary_markdown({self.name: summary}, out / "summary.md")
-        table = md_path.read_text()
-        rank_zero_info(
-            f"\n{len(rows)} pairs; per pair: {csv_path}\n{table}"
-            + "\n".join(self._pair_lines(rows))
+        csv_path = write_csv(rows, out / "pairs.csv")
+        table = markdown_table(summary_rows({self.name: summary}, SUMMARY_COLUMNS))
+        write_text(table, out / "summary.md")
+        per_pair = markdown_table(
+            rows, ["pair", "dice", "hd95", "sdlogj_l2r", "epe_mm", "runtime_s"]
         )
-
-    @staticmethod
-    def _pair_lines(rows: list[dict]) -> list[str]:
-        lines = ["", "| pair | dice | hd95 | sdlogj_l2r | epe_mm | runtime_s |"]
-        lines.append("| --- | --- | --- | --- | --- | --- |")
-        for r in rows:
-            cells = [f"{r[c]:.4g}" for c in ("dice", "hd95", "sdlogj_l2r", "epe_mm", "runtime_s")]
-            lines.append(f"| {r['pair']} | " + " | ".join(cells) + " |")
-        return lines
+        rank_zero_info(f"\n{len(rows)} pairs; per pair: {csv_path}\n{table}\n{per_pair}")
 
     def _save_figure(self, batch: dict, disp: Tensor, entropy: Tensor | None) -> None:
         from voxelopt.visualize import save_registration_figure

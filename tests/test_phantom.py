@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from voxelopt.data import load_abdomen_ct
 from voxelopt.metrics import dice, jacobian_determinant
 from voxelopt.paths import ENV_VAR
 from voxelopt.phantom import (
-    load_abdomen_ct,
     make_pair,
     make_phantom,
     random_smooth_displacement,
@@ -143,15 +143,15 @@ def small_phantom():
 def test_pair_true_field_recovers_fixed(small_phantom):
     hu, labels = small_phantom
     pair = make_pair(hu, labels, 24.0, 12.0, seed=1, intensity_change=False)
-    assert pair.fixed_hu.shape == (1, 1, 24, 20, 28) and pair.displacement.shape[1] == 3
+    assert pair.fixed_hu.shape == (1, 1, 24, 20, 28) and pair.true_disp.shape[1] == 3
     assert pair.fixed_labels.dtype == torch.int64
-    peak_mm = (pair.displacement.norm(dim=1).max() * 12.0).item()
+    peak_mm = (pair.true_disp.norm(dim=1).max() * 12.0).item()
     assert peak_mm == pytest.approx(24.0, rel=0.01)
     moved_labels = warp(
-        pair.moving_labels, pair.displacement, mode="nearest", padding_mode="border"
+        pair.moving_labels, pair.true_disp, mode="nearest", padding_mode="border"
     )
     assert all(v == 1.0 for v in dice(moved_labels, pair.fixed_labels).values())
-    moved = warp(pair.moving_hu, pair.displacement, padding_mode="border")
+    moved = warp(pair.moving_hu, pair.true_disp, padding_mode="border")
     assert torch.allclose(moved, pair.fixed_hu)
     # the deformation is not trivial: without it the labels do not overlap perfectly
     before = dice(pair.moving_labels, pair.fixed_labels)
@@ -172,7 +172,7 @@ def test_pair_seed_and_intensity_change(small_phantom):
     b = make_pair(torch.from_numpy(hu), torch.from_numpy(labels), 20.0, 12.0, seed=2)
     c = make_pair(hu, labels, 20.0, 12.0, seed=3)
     assert torch.equal(a.fixed_hu, b.fixed_hu) and torch.equal(a.moving_hu, b.moving_hu)
-    assert not torch.equal(a.displacement, c.displacement)
+    assert not torch.equal(a.true_disp, c.true_disp)
     change = a.moving_hu[0, 0] - torch.from_numpy(hu)
     assert 0 < change.abs().mean() < 30 + 3 * 10
     assert change.std() > 5  # the noise is there

@@ -19,7 +19,6 @@ import nibabel as nib
 import numpy as np
 import torch
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
-from scipy import ndimage
 
 __all__ = [
     "Volume",
@@ -27,6 +26,7 @@ __all__ = [
     "check_same_grid",
     "displacement_from_file_grid",
     "displacement_to_file_grid",
+    "inspect_nifti",
     "load_labels",
     "load_volume",
     "resample_to",
@@ -148,6 +148,39 @@ def _read_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, P
     return data, canon.affine.copy(), ornt, path
 
 
+def inspect_nifti(path: str | Path, what: str = "image", full: bool = False) -> tuple[int, ...]:
+    """Check a NIfTI file from its header (and all its voxels with ``full``) without loading it.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        what: how to call it in messages (``"image"``, ``"label"``).
+        full: also decode every voxel (finds truncated files, NaN/Inf).
+
+    Returns:
+        The 3-D shape in the file's axis order (trailing singleton dimensions dropped).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unreadable, not 3-D, or (``full``) holding NaN/Inf; naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        data = np.asanyarray(img.dataobj) if full else None
+    except Exception as err:  # nibabel raises many types for broken files
+        raise ValueError(f"{what} file {path} is not a readable NIfTI: {err}") from None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise ValueError(f"{what} file {path} must be a 3D volume, got shape {shape}")
+    if data is not None and not np.isfinite(data).all():
+        raise ValueError(f"{what} file {path} contains NaN or infinite values")
+    return shape
+
+
 def load_volume(path: str | Path) -> Volume:
     """Load a 3D NIfTI image reoriented to RAS+.
 
@@ -213,6 +246,8 @@ def resample_to(
     Returns:
         :class:`Volume` on ``reference``'s grid.
     """
+    from scipy import ndimage
+
     if order not in (0, 1):
         raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     vox_to_vox = np.linalg.inv(volume.affine) @ reference.affine

@@ -1,7 +1,7 @@
 """Synthetic data: an abdominal CT phantom, random smooth deformations and registration pairs.
 
 The phantom is a set of ellipsoid organs with CT-like Hounsfield units, labelled in the
-13-organ order of the paper's dataset (``voxelopt.metrics.BTCV13_LABELS``). Its anatomy is
+13-organ order of the paper's dataset (``voxelopt.ct.BTCV13_LABELS``). Its anatomy is
 fixed in millimetres around the centre of the grid, so ``spacing`` changes the resolution and
 ``shape`` the field of view; axes follow the RAS+ array convention of ``voxelopt.io`` (axis 0
 towards the patient's right, axis 1 anterior, axis 2 superior).
@@ -15,26 +15,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor
 
-from voxelopt.io import Volume, load_labels, load_volume
-from voxelopt.paths import abdomen_ct_dir
+from voxelopt.checks import check_shape3, check_spacing
+from voxelopt.ct import AIR_HU, body_mask
+from voxelopt.data.pair import Pair
 from voxelopt.transform import integrate_velocity, resize_volume, warp
 
 __all__ = [
-    "SyntheticPair",
-    "load_abdomen_ct",
     "make_pair",
     "make_phantom",
     "random_smooth_displacement",
 ]
 
-AIR_HU = -1000.0
 
 # Half field of view (mm) of the default phantom grid (96, 80, 112) at 3 mm; organ positions
 # and radii below are fractions of it.
@@ -58,22 +54,6 @@ _ORGANS: tuple[tuple[int, tuple[float, float, float], tuple[float, float, float]
 )
 
 
-def _spacing3(spacing: float | Sequence[float]) -> tuple[float, float, float]:
-    if isinstance(spacing, (int, float)):
-        spacing = (float(spacing),) * 3
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or any(not s > 0 for s in spacing):
-        raise ValueError(f"spacing must be a positive number or 3 positive numbers, got {spacing}")
-    return spacing
-
-
-def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or any(s < 2 for s in shape):
-        raise ValueError(f"shape must be (D, H, W) with every size >= 2, got {shape}")
-    return shape
-
-
 def make_phantom(
     shape: Sequence[int] = (96, 80, 112),
     spacing: float | Sequence[float] = 3.0,
@@ -95,7 +75,7 @@ def make_phantom(
         ``hu``: ``(D, H, W)`` float32 Hounsfield units; ``labels``: ``(D, H, W)`` int64
         labels in the 13-organ order (0 = background).
     """
-    shape, spacing = _shape3(shape), _spacing3(spacing)
+    shape, spacing = check_shape3(shape), check_spacing(spacing)
     rng = np.random.default_rng(seed)
     axes = [
         (np.arange(n) - (n - 1) / 2.0) * s / h
@@ -129,6 +109,8 @@ def make_phantom(
 
     # smooth texture (~6 mm correlation) inside the body, then white noise
     sigma = [6.0 / s for s in spacing]
+    from scipy import ndimage
+
     texture = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="nearest")
     texture *= 8.0 / max(float(texture.std()), 1e-6)
     hu[body] += texture[body] + rng.normal(0.0, 5.0, size=int(body.sum()))
@@ -182,14 +164,14 @@ def random_smooth_displacement(
     Returns:
         ``(B, 3, D, H, W)`` displacement in voxels.
     """
-    shape = _shape3(shape)
+    shape = check_shape3(shape)
     if not max_displacement >= 0:
         raise ValueError(f"max_displacement must be >= 0, got {max_displacement}")
     if not control_spacing > 0:
         raise ValueError(f"control_spacing must be > 0, got {control_spacing}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    mm = _spacing3(spacing) if spacing is not None else (1.0, 1.0, 1.0)
+    mm = check_spacing(spacing) if spacing is not None else (1.0, 1.0, 1.0)
     scale = torch.tensor(mm, dtype=torch.float64).view(1, 3, 1, 1, 1)
     coarse = tuple(
         max(2, math.ceil((n - 1) * s / control_spacing) + 1) for n, s in zip(shape, mm, strict=True)
@@ -213,27 +195,6 @@ def random_smooth_displacement(
     return field.to(dtype=dtype, device=device)
 
 
-@dataclass
-class SyntheticPair:
-    """A registration pair with its true field (``fixed(x) = moving(x + displacement(x))``).
-
-    Attributes:
-        fixed_hu: ``(1, 1, D, H, W)`` float32 HU.
-        fixed_labels: ``(1, 1, D, H, W)`` int64 labels (moving labels warped, nearest).
-        moving_hu: ``(1, 1, D, H, W)`` float32 HU (with intensity change and noise if asked).
-        moving_labels: ``(1, 1, D, H, W)`` int64 labels.
-        displacement: ``(1, 3, D, H, W)`` float32 true field in voxels.
-        spacing: voxel size in mm.
-    """
-
-    fixed_hu: Tensor
-    fixed_labels: Tensor
-    moving_hu: Tensor
-    moving_labels: Tensor
-    displacement: Tensor
-    spacing: tuple[float, float, float]
-
-
 def _volume_tensor(x, name: str, dtype: torch.dtype) -> Tensor:
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x)
     if t.dim() != 3:
@@ -252,7 +213,7 @@ def make_pair(
     diffeomorphic: bool = True,
     bias_hu: float = 30.0,
     noise_hu: float = 10.0,
-) -> SyntheticPair:
+) -> Pair:
     """Make a synthetic pair from one image and its labels by a known smooth deformation.
 
     The given image is the moving image; the fixed image is it warped by the true field
@@ -275,7 +236,7 @@ def make_pair(
         noise_hu: standard deviation of the white noise, HU.
 
     Returns:
-        :class:`SyntheticPair`.
+        :class:`~voxelopt.data.pair.Pair` with its true field (``true_disp``).
     """
     moving = _volume_tensor(hu, "hu", torch.float32)
     moving_labels = _volume_tensor(labels, "labels", torch.int64)
@@ -284,7 +245,7 @@ def make_pair(
             f"hu and labels differ in shape: {tuple(moving.shape[2:])} vs "
             f"{tuple(moving_labels.shape[2:])}"
         )
-    spacing = _spacing3(spacing)
+    spacing = check_spacing(spacing)
     shape = tuple(moving.shape[2:])
     gen = _as_generator(seed)
     disp = random_smooth_displacement(
@@ -306,48 +267,13 @@ def make_pair(
             shape, 1.0, control_spacing=2 * control_spacing_mm, seed=gen, spacing=spacing
         )[:, :1]
         noise = torch.randn(moving.shape, generator=gen) * noise_hu
-        moving_out = moving + bias * bias_hu * (moving > -500).float() + noise
-    return SyntheticPair(
+        moving_out = moving + bias * bias_hu * body_mask(moving).float() + noise
+    return Pair(
         fixed_hu=fixed,
-        fixed_labels=fixed_labels,
         moving_hu=moving_out,
+        fixed_labels=fixed_labels,
         moving_labels=moving_labels,
-        displacement=disp,
         spacing=spacing,
+        true_disp=disp,
+        name=f"seed{seed}" if isinstance(seed, int) else "synthetic",
     )
-
-
-def _downsample(vol: Volume, factor: int, labels: bool) -> Volume:
-    data = vol.data
-    if not labels:
-        data = ndimage.gaussian_filter(data.astype(np.float64), 0.5 * factor, mode="nearest")
-    data = data[::factor, ::factor, ::factor].astype(vol.data.dtype)
-    affine = vol.affine.copy()
-    affine[:3, :3] = affine[:3, :3] * factor
-    return Volume(data, affine, vol.ornt.copy(), vol.path)
-
-
-def load_abdomen_ct(downsample: int = 1) -> tuple[Volume, Volume]:
-    """The shared real abdominal CT and its 13-organ labels (RAS+, 3 mm).
-
-    Args:
-        downsample: integer factor; > 1 keeps every ``downsample``-th voxel (the CT is
-            Gaussian-filtered first, sigma ``downsample / 2`` voxels; labels are subsampled),
-            and the affines are scaled accordingly.
-
-    Returns:
-        ``(ct, labels)`` volumes on the same grid (float32 HU, int64 labels).
-
-    Raises:
-        FileNotFoundError: the shared data folder or a file in it is absent.
-    """
-    if not isinstance(downsample, int) or downsample < 1:
-        raise ValueError(f"downsample must be an integer >= 1, got {downsample!r}")
-    folder = abdomen_ct_dir()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"shared abdominal CT folder not found: {folder}")
-    ct = load_volume(folder / "ct.nii.gz")
-    lab = load_labels(folder / "labels_btcv13.nii.gz")
-    if downsample > 1:
-        ct, lab = _downsample(ct, downsample, False), _downsample(lab, downsample, True)
-    return ct, lab

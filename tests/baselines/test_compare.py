@@ -1,4 +1,4 @@
-"""Tests of the comparison command (models/compare.py, compare.py)."""
+"""Tests of the comparison (voxelopt/comparison/, compare.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import sys
 import pytest
 import torch
 
-from models.compare import (
+from voxelopt.comparison import (
     METHODS,
     Identity,
     Resampled,
-    main,
-    make_pairs,
-    markdown_table,
+    comparison_table,
     run_comparison,
     write_outputs,
 )
+from voxelopt.comparison.cli import main
+from voxelopt.data import make_pairs
 from voxelopt.baselines.voxelmorph import VoxelMorph
 
 TINY_PAIRS = dict(source="phantom", seeds=[0], phantom_shape=[24, 20, 28], phantom_spacing=12.0)
@@ -102,7 +102,7 @@ def test_voxelmorph_checkpoint_of_a_registration_module(pairs, tmp_path):
     )
     (vxm,) = result.methods
     assert vxm.skipped is None and len(vxm.rows) == 1
-    assert "| VoxelMorph | learning |" in markdown_table(result)
+    assert "| VoxelMorph | learning |" in comparison_table(result)
 
 
 def test_voxelmorph_runs_at_its_training_resolution(pairs, tmp_path):
@@ -126,8 +126,8 @@ def test_resampled_returns_the_field_on_the_input_grid():
     x = torch.rand(1, 1, 17, 9, 13)
     disp = Resampled(Shift(), 2)(x, x)
     assert disp.shape == (1, 3, 17, 9, 13)
-    # 1 voxel of the coarse grid (8, 4, 6) is (n - 1) / (m - 1) voxels of the input grid
-    expected = torch.tensor([16 / 7, 8 / 3, 12 / 5])
+    # 1 voxel of the coarse grid (9, 5, 7) = ceil(n / 2) is (n - 1) / (m - 1) = 2 input voxels
+    expected = torch.tensor([16 / 8, 8 / 4, 12 / 6])
     assert torch.allclose(disp[0, :, 0, 0, 0], expected, atol=1e-5)
     assert torch.equal(Resampled(Shift(), 1)(x, x), torch.ones(1, 3, 17, 9, 13))
     with pytest.raises(ValueError, match="input_downsample"):

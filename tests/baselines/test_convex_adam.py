@@ -249,7 +249,8 @@ def test_dice_close_to_the_convexadam_package(ct_dir):
     pytest.importorskip("SimpleITK", reason="convexadam imports SimpleITK")
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    from voxelopt.phantom import load_abdomen_ct, make_pair
+    from voxelopt.data import load_abdomen_ct
+    from voxelopt.phantom import make_pair
 
     ct, lab = load_abdomen_ct(downsample=2)
     pair = make_pair(ct.data, lab.data, 25.0, ct.spacing, seed=1)

@@ -15,6 +15,7 @@ from models.registration import RegistrationModule
 from voxelopt.config import VoxelOptConfig
 from voxelopt.features import FeatureHead, HeadedExtractor, RawIntensity
 from voxelopt.metrics import dice, mean_over_labels
+from voxelopt.registration import argmin_mode
 from voxelopt.registration import VoxelOptRegistration
 from voxelopt.transform import warp
 
@@ -66,7 +67,7 @@ def test_gradients_reach_head_through_soft_solver(datamodule, loss):
 
 def test_argmin_switch_and_restore(datamodule):
     module = RegistrationModule(headed_model(), LabelDiceLoss(), eval_argmin="hard")
-    with module.argmin("hard"):
+    with argmin_mode(module.model, "hard"):
         assert module.model.solver.config.argmin == "hard"
     assert module.model.solver.config.argmin == "soft"
     batch = datamodule.datasets["val"][0]
@@ -98,7 +99,7 @@ def test_training_step_checkpoint_roundtrip(tmp_path, datamodule):
     batch = next(iter(datamodule.test_dataloader()))
     module.eval()
     restored.eval()
-    with torch.no_grad(), module.argmin("hard"), restored.argmin("hard"):
+    with torch.no_grad(), argmin_mode(module.model, "hard"), argmin_mode(restored.model, "hard"):
         expected = module(batch["fixed"], batch["moving"])
         torch.testing.assert_close(restored(batch["fixed"], batch["moving"]), expected)
         fresh = headed_model(seed=1)
