@@ -1,35 +1,84 @@
-"""Image-level registration: a feature extractor and the VoxelOpt solver in one module.
+"""Image-level registration: the registration-model contract, and VoxelOpt as one.
 
-:class:`VoxelOptRegistration` is a *registration model*: ``forward(fixed_hu, moving_hu)`` takes
-two CT volumes in Hounsfield units and returns the displacement. :func:`register` is the
-notebook entry point: arrays in, moved image, moved labels, field and metrics out.
+A *registration model* (:class:`RegistrationModel`) is any callable module with
+``forward(fixed_hu, moving_hu) -> displacement``: ``(B, 1, D, H, W)`` CT in Hounsfield units on
+one grid in, ``(B, 3, D, H, W)`` in voxels out, ``warp(moving_hu, u) ~ fixed_hu``. The command
+line, the comparison runner and the Lightning module rely on nothing else. A model whose solver
+has a hard and a soft argmin also implements :class:`ArgminSwitchable`; :func:`argmin_mode`
+switches any model for a while (soft to train end to end, hard to evaluate as published) and
+does nothing for models without one.
+
+:class:`VoxelOptRegistration` is feature extraction followed by the VoxelOpt solver.
+:func:`register` is the notebook entry point: arrays in, moved image, moved labels, field and
+scores out.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from voxelopt.checks import as_volume_tensor, check_image_pair
 from voxelopt.config import VoxelOptConfig
-from voxelopt.features import CachedExtractor, FeatureExtractor, build_extractor, normalize_pair
-from voxelopt.features.base import check_image_pair
-from voxelopt.metrics import (
-    dice,
-    hd95,
-    mean_over_labels,
-    nonpositive_jacobian_fraction,
-    sdlogj,
-)
+from voxelopt.evaluation import PairScores
+from voxelopt.features import CachedExtractor, FeatureExtractor, build_extractor
 from voxelopt.pyramid import VoxelOpt, VoxelOptResult
-from voxelopt.transform import resize_displacement, resize_volume, warp
+from voxelopt.transform import resize_displacement, resize_volume
 
-__all__ = ["RegistrationResult", "VoxelOptRegistration", "register", "score_pair"]
+__all__ = [
+    "ArgminSwitchable",
+    "RegistrationModel",
+    "RegistrationResult",
+    "VoxelOptRegistration",
+    "argmin_mode",
+    "register",
+]
+
+ArgminMode = Literal["hard", "soft"]
+
+
+@runtime_checkable
+class RegistrationModel(Protocol):
+    """Anything that registers a pair: ``(B, 1, D, H, W)`` HU twice -> ``(B, 3, D, H, W)``."""
+
+    def __call__(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ArgminSwitchable(Protocol):
+    """A registration model whose discrete solver has a hard and a soft argmin."""
+
+    def use_argmin(self, mode: ArgminMode) -> AbstractContextManager[None]:
+        """Context manager: the model uses ``mode`` inside, its own setting again after."""
+        ...
+
+
+@contextmanager
+def argmin_mode(model: object, mode: ArgminMode | None) -> Iterator[None]:
+    """Run ``model`` with the hard or soft argmin for a while.
+
+    Typical use: train with the soft argmin (differentiable end to end), then evaluate the
+    same model as published, ``with argmin_mode(model, "hard"): model(fixed, moving)``.
+
+    Args:
+        model: a registration model; one that is not :class:`ArgminSwitchable` (a baseline
+            without a discrete solver) is left as it is.
+        mode: ``"hard"``, ``"soft"``, or ``None`` to keep the model's own setting.
+    """
+    if mode not in (None, "hard", "soft"):
+        raise ValueError(f"argmin mode must be 'hard', 'soft' or None, got {mode!r}")
+    if mode is None or not isinstance(model, ArgminSwitchable):
+        yield
+        return
+    with model.use_argmin(mode):
+        yield
 
 
 class VoxelOptRegistration(nn.Module):
@@ -100,12 +149,24 @@ class VoxelOptRegistration(nn.Module):
         else:
             fixed = self.extractor(fixed_hu)
         moving = self.extractor(moving_hu)
-        if self.extractor.pair_normalize:
-            fixed, moving = normalize_pair(fixed, moving)
+        fixed, moving = self.extractor.prepare_pair(fixed, moving)
         if self.downsample > 1:
-            shape = [max(1, (s + self.downsample - 1) // self.downsample) for s in fixed.shape[2:]]
+            from voxelopt.data.volumes import downsampled_shape
+
+            shape = downsampled_shape(fixed.shape[2:], self.downsample)
             fixed, moving = resize_volume(fixed, shape), resize_volume(moving, shape)
         return fixed, moving
+
+    @contextmanager
+    def use_argmin(self, mode: ArgminMode) -> Iterator[None]:
+        """Solve with the ``"hard"`` or ``"soft"`` argmin inside the context (see
+        :func:`argmin_mode`)."""
+        saved = self.solver.config
+        self.solver.config = saved.replace(argmin=mode)
+        try:
+            yield
+        finally:
+            self.solver.config = saved
 
     def _extractor_trainable(self) -> bool:
         """Whether the extractor has parameters to train (then its output is never cached)."""
@@ -146,8 +207,9 @@ class RegistrationResult:
         entropy: ``(D, H, W)`` displacement entropy of the finest level, on the fixed grid.
         moved_labels: ``(D, H, W)`` warped moving labels (nearest), when given.
         runtime_s: wall time of feature extraction and solving, in seconds.
-        metrics: Dice per label and mean, HD95 (mm) when both label maps are given; SDlogJ
-            (both variants) and the fraction of non-positive Jacobian determinants always.
+        scores: the pair's :class:`~voxelopt.evaluation.PairScores` (Dice and HD95 when both
+            label maps are given; SDlogJ and folding always).
+        metrics: ``scores.to_json()``: JSON-safe, ``None`` where a score is undefined.
     """
 
     displacement: np.ndarray
@@ -155,60 +217,8 @@ class RegistrationResult:
     entropy: np.ndarray
     moved_labels: np.ndarray | None = None
     runtime_s: float = 0.0
+    scores: PairScores = field(default_factory=PairScores)
     metrics: dict = field(default_factory=dict)
-
-
-def _as_volume(x, name: str, dtype=torch.float32) -> Tensor:
-    """``(D, H, W)`` array or tensor (or ``(1, 1, D, H, W)``) -> ``(1, 1, D, H, W)`` tensor."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}")
-    if x.dim() == 5 and x.shape[:2] == (1, 1):
-        x = x[0, 0]
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be a 3-D volume (D, H, W), got shape {tuple(x.shape)}")
-    x = x.to(dtype)
-    if x.is_floating_point() and not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf voxels")
-    return x[None, None]
-
-
-def score_pair(
-    displacement: Tensor,
-    moved_labels: Tensor | np.ndarray | None = None,
-    fixed_labels: Tensor | np.ndarray | None = None,
-    spacing: float | Sequence[float] = 1.0,
-    labels: Sequence[int] | None = None,
-) -> dict:
-    """The report's metrics for one registered pair.
-
-    Args:
-        displacement: ``(1, 3, D, H, W)`` in voxels.
-        moved_labels: ``(D, H, W)`` warped moving labels, or ``None``.
-        fixed_labels: ``(D, H, W)`` fixed labels, or ``None``.
-        spacing: voxel size in mm of the fixed grid.
-        labels: labels to score (default: every non-zero label of either map).
-
-    Returns:
-        ``{"sdlogj", "sdlogj_plain", "nonpositive_jacobian_fraction"}`` plus, with both label
-        maps, ``"dice"`` (per label), ``"dice_mean"``, ``"hd95_mm"`` (per label),
-        ``"hd95_mean_mm"``.
-    """
-    disp = displacement.detach().double()
-    out: dict = {
-        "sdlogj": float(sdlogj(disp, "l2r")[0]),
-        "sdlogj_plain": float(sdlogj(disp, "plain")[0]),
-        "nonpositive_jacobian_fraction": float(nonpositive_jacobian_fraction(disp)[0]),
-    }
-    if moved_labels is not None and fixed_labels is not None:
-        d = dice(moved_labels, fixed_labels, labels)
-        h = hd95(moved_labels, fixed_labels, spacing, labels)
-        out["dice"] = {str(k): v for k, v in d.items()}
-        out["dice_mean"] = float(mean_over_labels(d))
-        out["hd95_mm"] = {str(k): v for k, v in h.items()}
-        out["hd95_mean_mm"] = float(mean_over_labels(h))
-    return out
 
 
 def register(
@@ -220,21 +230,31 @@ def register(
     features: str | FeatureExtractor = "mind",
     config: VoxelOptConfig | None = None,
     spacing: float | Sequence[float] = 1.0,
-    downsample: int = 1,
+    working_spacing: float | str = "auto",
+    affine: str = "none",
     device: str | torch.device = "cpu",
     **config_overrides,
 ) -> RegistrationResult:
     """Register one pair of CT volumes already on the same grid (for notebooks).
 
+    The same pipeline as ``voxelopt register`` (:func:`voxelopt.pipeline.register_volumes`):
+    the images are resampled (anti-aliased) onto a working grid, features and solver run
+    there, the scores are computed there, and the field, moved image and labels come back on
+    the input grid.
+
     Args:
-        fixed: ``(D, H, W)`` fixed CT in Hounsfield units (numpy array or tensor).
+        fixed: ``(D, H, W)`` fixed CT in Hounsfield units (numpy array or tensor), RAS+ axes.
         moving: ``(D, H, W)`` moving CT in HU on the same grid.
         fixed_labels: optional ``(D, H, W)`` integer labels of the fixed image.
         moving_labels: optional ``(D, H, W)`` integer labels of the moving image.
         features: extractor name or instance.
         config: solver configuration; ``**config_overrides`` change single fields.
-        spacing: voxel size in mm (for HD95).
-        downsample: solve at ``1 / downsample`` resolution.
+        spacing: voxel size of the input grid in mm.
+        working_spacing: voxel size of the working grid in mm, or ``"auto"`` (the input's
+            own unless that exceeds the voxel budget, see :func:`voxelopt.grid.working_spacing`).
+        affine: ``"none"`` (default: the arrays are already aligned), ``"rigid"`` or
+            ``"affine"`` pre-alignment (:func:`voxelopt.affine.align_affine`), composed into
+            the returned displacement.
         device: where to run (``"cpu"`` or ``"cuda"``).
 
     Returns:
@@ -247,50 +267,58 @@ def register(
         >>> result.displacement.shape
         (3, 32, 32, 32)
     """
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but CUDA is not available")
-    f = _as_volume(fixed, "fixed")
-    m = _as_volume(moving, "moving")
+    from voxelopt.pipeline import register_volumes, volume_from_array
+    from voxelopt.transform import resize_volume
+
+    f, m, fl, ml = _register_inputs(fixed, moving, fixed_labels, moving_labels)
+    volumes = [None if x is None else volume_from_array(x[0, 0], spacing) for x in (f, m, fl, ml)]
+    matrix = None
+    if affine != "none":
+        from voxelopt.affine import align_affine
+
+        matrix = align_affine(volumes[0], volumes[1], mode=affine).matrix
+    model = VoxelOptRegistration(features, config, **config_overrides)
+    result = register_volumes(
+        volumes[0],
+        volumes[1],
+        fixed_labels=volumes[2],
+        moving_labels=volumes[3],
+        spacing=working_spacing,
+        matrix=matrix,
+        device=device,
+        model=model,
+    )
+    entropy = torch.from_numpy(np.ascontiguousarray(result.entropy, dtype=np.float32))
+    entropy = resize_volume(entropy[None, None], f.shape[2:])[0, 0]
+    return RegistrationResult(
+        displacement=result.displacement()[0].float().cpu().numpy(),
+        moved=np.asarray(result.moved),
+        entropy=entropy.numpy(),
+        moved_labels=None if result.moved_labels is None else np.asarray(result.moved_labels),
+        runtime_s=result.runtime_s,
+        scores=result.scores,
+        metrics=result.metrics,
+    )
+
+
+def _register_inputs(fixed, moving, fixed_labels, moving_labels):
+    """The four inputs of :func:`register` as ``(1, 1, D, H, W)`` tensors, checked."""
+    f = as_volume_tensor(fixed, "fixed")
+    m = as_volume_tensor(moving, "moving")
     if f.shape != m.shape:
         raise ValueError(
             f"fixed {tuple(f.shape[2:])} and moving {tuple(m.shape[2:])} are on different grids"
         )
     fl = ml = None
     if fixed_labels is not None:
-        fl = _as_volume(fixed_labels, "fixed_labels", torch.int64)
+        fl = as_volume_tensor(fixed_labels, "fixed_labels", torch.int64)
         if fl.shape != f.shape:
             raise ValueError(f"fixed_labels {tuple(fl.shape[2:])} do not match fixed image grid")
     if moving_labels is not None:
-        ml = _as_volume(moving_labels, "moving_labels", torch.int64)
+        ml = as_volume_tensor(moving_labels, "moving_labels", torch.int64)
         if ml.shape != m.shape:
             raise ValueError(f"moving_labels {tuple(ml.shape[2:])} do not match moving image grid")
-
-    model = VoxelOptRegistration(features, config, downsample=downsample, **config_overrides)
-    model = model.to(device).eval()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        result = model.solve(f.to(device), m.to(device))
-        disp = result.displacement
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    runtime = time.perf_counter() - start
-    with torch.inference_mode():
-        moved = warp(m.to(device), disp, padding_mode="border")
-        entropy = resize_volume(result.entropy.float(), f.shape[2:])
-        moved_labels = warp(ml.to(device), disp, mode="nearest") if ml is not None else None
-    metrics = score_pair(
-        disp.cpu(),
-        moved_labels[0, 0].cpu() if moved_labels is not None else None,
-        fl[0, 0] if fl is not None else None,
-        spacing,
-    )
-    metrics["runtime_s"] = runtime
-    return RegistrationResult(
-        displacement=disp[0].float().cpu().numpy(),
-        moved=moved[0, 0].cpu().numpy(),
-        entropy=entropy[0, 0].cpu().numpy(),
-        moved_labels=moved_labels[0, 0].cpu().numpy() if moved_labels is not None else None,
-        runtime_s=runtime,
-        metrics=metrics,
-    )
+    if (fl is None) != (ml is None):
+        given = "fixed_labels" if fl is not None else "moving_labels"
+        raise ValueError(f"{given} was given without the other label map; give both or neither")
+    return f, m, fl, ml
