@@ -1,27 +1,41 @@
-"""PNG figures of registrations: image slices, entropy maps, label contours, Dice box plots.
+"""PNG figures of registrations: image planes, entropy maps, label contours, Dice box plots.
 
-Figures are drawn with matplotlib's object API on an Agg canvas (no pyplot, no global backend
-change) and written atomically. Volumes are ``(D, H, W)`` arrays (numpy or torch) in the RAS+
-array order of ``voxelopt.io``; a slice is taken across ``axis`` (0 sagittal, 1 coronal,
-2 axial) and shown with the last remaining axis vertical, increasing upwards (superior up in
-coronal and sagittal views).
+The registration figure, written by every run, is painted with numpy and Pillow (no matplotlib
+import, see :mod:`voxelopt._figure`); the comparison figure uses matplotlib's object API on an
+Agg canvas (no pyplot, no global backend change), imported when drawn. Both are written
+atomically. Volumes are ``(D, H, W)`` arrays (numpy or torch) in the RAS+ array order of
+``voxelopt.io``: axis 0 points to the patient's right, axis 1 anterior, axis 2 superior.
+Planes are shown in the radiological convention, each panel lettered at its edges: axial
+(``axis=2``) with the patient's right on the image's left and anterior up; coronal
+(``axis=1``) right on the left and superior up; sagittal (``axis=0``) anterior on the left and
+superior up. Panels keep the voxel spacing's physical proportions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from voxelopt._label_stats import _plane, mean_dice, most_labels
+from voxelopt.ct import BODY_HU
 from voxelopt.io import atomic_output
 
-__all__ = ["save_comparison_figure", "save_registration_figure"]
+__all__ = [
+    "FigurePlane",
+    "choose_slices",
+    "save_comparison_figure",
+    "save_registration_figure",
+    "save_registration_planes",
+]
 
-_CONTOUR_CMAP = "tab20"
+_PLANE_NAMES = {0: "sagittal", 1: "coronal", 2: "axial"}
+#: (left, right, bottom, top) letters of a displayed plane, by slicing axis.
+_LETTERS = {0: ("A", "P", "I", "S"), 1: ("R", "L", "I", "S"), 2: ("R", "L", "P", "A")}
+#: Smallest and largest side of an image panel, pixels at ``dpi=100``.
+PANEL_MIN_PX, PANEL_MAX_PX = 300, 900
 
 
 def _to_numpy(x, name: str) -> np.ndarray:
@@ -35,53 +49,126 @@ def _to_numpy(x, name: str) -> np.ndarray:
     return x
 
 
-def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """2-D slice, transposed so that the last remaining axis is vertical (rows)."""
-    return np.take(volume, index, axis=axis).T
+def _display(plane: np.ndarray) -> np.ndarray:
+    """A plane ``np.take(volume, i, axis)`` as shown: rows upwards, columns left to right.
+
+    The second remaining axis (anterior or superior) becomes the rows (drawn with
+    ``origin="lower"``, so it increases upwards); the first remaining axis (right or anterior)
+    becomes the columns, reversed, so that the patient's right (sagittal: anterior) is on the
+    image's left.
+    """
+    return np.ascontiguousarray(plane.T[:, ::-1])
 
 
-def _aspect(spacing: Sequence[float], axis: int) -> float:
-    rest = [s for i, s in enumerate(spacing) if i != axis]
-    return rest[1] / rest[0]
+def _check_shapes(volumes: Mapping[str, np.ndarray]) -> tuple[int, ...]:
+    ref_name, ref = next(iter(volumes.items()))
+    for name, v in volumes.items():
+        if v.shape != ref.shape:
+            raise ValueError(f"{name} has shape {v.shape}, {ref_name} has {ref.shape}")
+    return ref.shape
 
 
-def _check_common(volumes: Mapping[str, np.ndarray], axis: int, index: int | None) -> int:
-    shapes = {name: v.shape for name, v in volumes.items()}
-    ref_name, ref_shape = next(iter(shapes.items()))
-    for name, shape in shapes.items():
-        if shape != ref_shape:
-            raise ValueError(f"{name} has shape {shape}, {ref_name} has {ref_shape}")
+def _check_axis(axis: int) -> int:
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
-    n = ref_shape[axis]
-    index = n // 2 if index is None else int(index)
-    if not 0 <= index < n:
+    return int(axis)
+
+
+def _check_index(index: int, n: int, axis: int) -> int:
+    if not 0 <= int(index) < n:
         raise ValueError(f"index {index} is outside 0..{n - 1} along axis {axis}")
-    return index
+    return int(index)
 
 
-def _contours(ax, labels: np.ndarray) -> None:
-    """Outline every non-zero label of a 2-D slice, one colour per label value."""
-    cmap = matplotlib.colormaps[_CONTOUR_CMAP]
-    for v in np.unique(labels):
-        mask = (labels == v).astype(float)
-        if v == 0 or mask.min() == 1:
+def choose_slices(
+    shape: Sequence[int], fixed_labels=None, fixed=None, axes: Sequence[int] = (2, 1)
+) -> dict[int, int]:
+    """The slice index along each axis that a registration figure shows.
+
+    With labels: the slice crossing the most distinct labels, and of those the one with the
+    largest labelled area (the organs, not their edges). Without labels: through the centroid
+    of the body (``fixed > BODY_HU``), else the middle.
+
+    Args:
+        shape: ``(D, H, W)`` of the volumes.
+        fixed_labels: optional ``(D, H, W)`` integer labels of the fixed image.
+        fixed: optional ``(D, H, W)`` fixed image in HU (used without labels).
+        axes: the slicing axes (default axial then coronal).
+
+    Returns:
+        ``{axis: index}`` in the order of ``axes``.
+    """
+    mask = None
+    if fixed_labels is not None:
+        labels = _to_numpy(fixed_labels, "fixed_labels")
+        if labels.any():
+            return most_labels(labels, [_check_axis(a) for a in axes])
+    if fixed is not None:
+        mask = _to_numpy(fixed, "fixed") > BODY_HU
+    out = {}
+    for a in axes:
+        n = shape[_check_axis(a)]
+        if mask is None or not mask.any():
+            out[a] = n // 2
             continue
-        ax.contour(mask, levels=[0.5], colors=[cmap(int(v) % 20)], linewidths=0.8)
+        counts = mask.sum(axis=tuple(i for i in range(3) if i != a))
+        out[a] = int(round(float(np.dot(counts, np.arange(n)) / counts.sum())))
+    return out
 
 
-def _image_panel(ax, image: np.ndarray, window, title: str, aspect: float) -> None:
-    ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+@dataclass(frozen=True)
+class FigurePlane:
+    """The 2-D planes of one row of a registration figure.
+
+    Every array is ``np.take(volume, index, axis)`` of a ``(D, H, W)`` volume on the fixed
+    grid (array order, not yet flipped for display).
+
+    Attributes:
+        axis: slicing axis: 2 axial, 1 coronal, 0 sagittal.
+        index: the slice index (shown in the row label).
+        fixed: fixed image plane (HU).
+        moving: moving image plane (HU), resampled onto the fixed grid.
+        moved: moved image plane (HU).
+        entropy: optional displacement entropy plane (nats).
+        fixed_labels: optional fixed labels, outlined on the fixed and moved panels.
+        moving_labels: optional moving labels, outlined on the moving panel.
+    """
+
+    axis: int
+    index: int
+    fixed: np.ndarray
+    moving: np.ndarray
+    moved: np.ndarray
+    entropy: np.ndarray | None = None
+    fixed_labels: np.ndarray | None = None
+    moving_labels: np.ndarray | None = None
+
+    @classmethod
+    def cut(cls, axis: int, index: int, **volumes) -> FigurePlane:
+        """The plane ``index`` along ``axis`` of ``(D, H, W)`` volumes (``None`` allowed)."""
+        planes = {k: None if v is None else _plane(v, axis, index) for k, v in volumes.items()}
+        return cls(axis, index, **planes)
 
 
-def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
-    path = Path(path)
-    FigureCanvasAgg(fig)
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    return path
+def _rows(shape, axis, index, fixed_labels, fixed) -> dict[int, int]:
+    """``{axis: index}`` of the figure's rows from ``save_registration_figure``'s arguments."""
+    if axis is None:  # a one-voxel slab shows its own plane only
+        axes = next(((a,) for a in range(3) if shape[a] == 1), (2, 1))
+    else:
+        axes = (axis,) if np.ndim(axis) == 0 else tuple(axis)
+    axes = tuple(_check_axis(a) for a in axes)
+    if index is None or isinstance(index, Mapping):
+        chosen = choose_slices(shape, fixed_labels, fixed, axes)
+        chosen.update(dict(index or {}))
+    elif len(axes) == 1:
+        chosen = {axes[0]: index}
+    else:
+        raise ValueError(f"index must be a {{axis: index}} mapping for several axes {axes}")
+    return {a: _check_index(i, shape[a], a) for a, i in chosen.items()}
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{100 * value:.1f} %"
 
 
 def save_registration_figure(
@@ -93,73 +180,142 @@ def save_registration_figure(
     fixed_labels=None,
     moving_labels=None,
     moved_labels=None,
-    axis: int = 1,
-    index: int | None = None,
+    axis: int | Sequence[int] | None = None,
+    index: int | Mapping[int, int] | None = None,
     window: tuple[float, float] = (-160.0, 240.0),
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     title: str | None = None,
     dpi: int = 100,
+    dice_before: float | None = None,
+    dice_after: float | None = None,
+    label_names: Mapping[int, str] | None = None,
 ) -> Path:
-    """Fixed, moving, moved (and entropy) slices side by side, written as PNG.
+    """Fixed, moving, moved (and entropy) in an axial and a coronal plane, written as PNG.
+
+    One row per plane (default: axial, then coronal, each through the labelled organs, see
+    :func:`choose_slices`); fixed-label contours on the fixed and moved panels, moving-label
+    contours on the moving panel; the mean Dice before (moving vs fixed labels) and after
+    (moved vs fixed labels) in the title. See :func:`save_registration_planes` for the look.
 
     Args:
         path: output ``.png`` (written atomically; the folder must exist).
-        fixed: ``(D, H, W)`` fixed image (HU).
-        moving: ``(D, H, W)`` moving image (HU).
+        fixed: ``(D, H, W)`` fixed image (HU); ``(1, 1, D, H, W)`` tensors are accepted too.
+        moving: ``(D, H, W)`` moving image on the fixed grid (HU).
         moved: ``(D, H, W)`` moving image warped onto the fixed grid (HU).
         entropy: optional ``(D, H, W)`` displacement entropy (nats), shown with a colour bar.
-        fixed_labels: optional ``(D, H, W)`` labels drawn as contours on the fixed panel (and
-            on the moved panel, to judge the overlap).
-        moving_labels: optional labels drawn on the moving panel.
-        moved_labels: optional warped labels drawn on the moved panel.
-        axis: slicing axis: 0 sagittal, 1 coronal, 2 axial.
-        index: slice index along ``axis`` (default: the middle).
+        fixed_labels: optional ``(D, H, W)`` fixed labels (contours; slice choice; Dice).
+        moving_labels: optional moving labels on the fixed grid (contours; Dice before).
+        moved_labels: optional warped moving labels (Dice after).
+        axis: slicing axis or axes, one row each: 2 axial, 1 coronal, 0 sagittal
+            (default ``(2, 1)``; for one-voxel slabs, e.g. ``(D, 1, W)``, the slab's plane).
+        index: slice index (one axis) or ``{axis: index}``; default :func:`choose_slices`.
         window: grey-value window in HU (default: abdomen window, level 40, width 400).
-        spacing: voxel size in mm, for the aspect ratio.
-        title: optional figure title.
-        dpi: resolution.
+        spacing: voxel size in mm ``(sx, sy, sz)``, for the panels' proportions.
+        title: optional title, before the Dice values.
+        dpi: resolution (100: the smaller side of each image panel is about 300 pixels).
+        dice_before: mean Dice before registration; default computed from the labels (not
+            for a one-voxel slab, where it would be the slab's Dice).
+        dice_after: mean Dice after registration; default computed from the labels (idem).
+        label_names: optional ``{label: name}`` for the legend of contour colours.
 
     Returns:
         The written path.
     """
     vols = {"fixed": _to_numpy(fixed, "fixed"), "moving": _to_numpy(moving, "moving")}
     vols["moved"] = _to_numpy(moved, "moved")
-    if entropy is not None:
-        vols["entropy"] = _to_numpy(entropy, "entropy")
-    labels = {}
-    for name, lab in (
-        ("fixed_labels", fixed_labels),
-        ("moving_labels", moving_labels),
-        ("moved_labels", moved_labels),
-    ):
-        if lab is not None:
-            labels[name] = _to_numpy(lab, name)
-    index = _check_common({**vols, **labels}, axis, index)
-    aspect = _aspect(spacing, axis)
+    given = {
+        "entropy": entropy,
+        "fixed_labels": fixed_labels,
+        "moving_labels": moving_labels,
+        "moved_labels": moved_labels,
+    }
+    vols.update({k: _to_numpy(v, k) for k, v in given.items() if v is not None})
+    shape = _check_shapes(vols)
+    chosen = _rows(shape, axis, index, vols.get("fixed_labels"), vols["fixed"])
+    labels = vols.get("fixed_labels") if min(shape) > 1 else None  # no Dice of a slab
+    if dice_before is None and labels is not None and "moving_labels" in vols:
+        dice_before = mean_dice(vols["moving_labels"], labels)
+    if dice_after is None and labels is not None and "moved_labels" in vols:
+        dice_after = mean_dice(vols["moved_labels"], labels)
+    shown = {k: v for k, v in vols.items() if k != "moved_labels"}
+    planes = [FigurePlane.cut(a, i, **shown) for a, i in chosen.items()]
+    return save_registration_planes(
+        path, planes, spacing, window, title, dpi, dice_before, dice_after, label_names
+    )
 
-    panels = len(vols)
-    fig = Figure(figsize=(3.2 * panels, 3.6))
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    for ax, name in zip(axes, ("fixed", "moving", "moved"), strict=False):
-        _image_panel(ax, _slice(vols[name], axis, index), window, name, aspect)
-    sl = {k: _slice(v, axis, index) for k, v in labels.items()}
-    if "fixed_labels" in sl:
-        _contours(axes[0], sl["fixed_labels"])
-    if "moving_labels" in sl:
-        _contours(axes[1], sl["moving_labels"])
-    if "moved_labels" in sl:
-        _contours(axes[2], sl["moved_labels"])
-    if "entropy" in vols:
-        ax = axes[3]
-        im = ax.imshow(
-            _slice(vols["entropy"], axis, index), cmap="magma", origin="lower", aspect=aspect
-        )
-        ax.set_title("entropy", fontsize=9)
-        ax.set_axis_off()
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path, dpi)
+
+def save_registration_planes(
+    path: str | Path,
+    planes: Sequence[FigurePlane],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    window: tuple[float, float] = (-160.0, 240.0),
+    title: str | None = None,
+    dpi: int = 100,
+    dice_before: float | None = None,
+    dice_after: float | None = None,
+    label_names: Mapping[int, str] | None = None,
+) -> Path:
+    """The registration figure from planes already cut (e.g. resampled slab by slab).
+
+    One row per plane, columns fixed, moving, moved (and entropy, with a colour bar in nats
+    shared by the rows). Panels keep the physical proportions of ``spacing``; at ``dpi=100``
+    the smaller side of each is :data:`PANEL_MIN_PX` pixels (the larger at most
+    :data:`PANEL_MAX_PX`). Orientation letters mark each panel's edges; label contours are
+    drawn along voxel edges, one saturated colour per label, with a legend below.
+
+    Args:
+        path: output ``.png`` (written atomically; the folder must exist).
+        planes: the rows (:class:`FigurePlane`), all with or all without entropy.
+        spacing: voxel size in mm ``(sx, sy, sz)`` of the fixed grid.
+        window: grey-value window in HU.
+        title: optional title, before the Dice values.
+        dpi: resolution.
+        dice_before: mean Dice before registration, or ``None``.
+        dice_after: mean Dice after registration, or ``None``.
+        label_names: optional ``{label: name}`` for the legend.
+
+    Returns:
+        The written path.
+    """
+    from voxelopt._figure import draw_registration
+
+    if not planes:
+        raise ValueError("planes is empty: nothing to draw")
+    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
+        raise ValueError(f"spacing must be three positive sizes in mm, got {tuple(spacing)}")
+    if len({p.entropy is None for p in planes}) > 1:
+        raise ValueError("planes: give entropy for every plane or for none")
+    for p in planes:
+        _check_axis(p.axis)
+        shapes = {k: getattr(p, k) for k in ("fixed", "moving", "moved", "entropy")}
+        shapes.update({k: getattr(p, k) for k in ("fixed_labels", "moving_labels")})
+        _check_shapes({k: np.asarray(v) for k, v in shapes.items() if v is not None})
+    text = [title] if title else []
+    if dice_before is not None or dice_after is not None:
+        text.append(f"mean Dice {_percent(dice_before)} before, {_percent(dice_after)} after")
+    spacing = [float(s) for s in spacing]
+    image = draw_registration(planes, spacing, window, ": ".join(text), label_names, dpi)
+    return _save_rgb(image, path, dpi)
+
+
+def _save(fig, path: str | Path, dpi: int) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    FigureCanvasAgg(fig)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _save_rgb(image: np.ndarray, path: str | Path, dpi: int) -> Path:
+    """Write an ``(H, W, 3)`` uint8 image as PNG, atomically."""
+    from voxelopt._figure import png_bytes
+
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(png_bytes(np.ascontiguousarray(image, dtype=np.uint8), dpi))
+    return path
 
 
 def save_comparison_figure(
@@ -182,7 +338,7 @@ def save_comparison_figure(
         moved_by_method: ``{method: (D, H, W) moved image}`` (e.g. ``initial``, ``voxelopt``).
         dice_per_organ: ``{method: {label: [dice of each pair]}}``.
         label_names: optional ``{label: name}`` for the x axis.
-        axis: slicing axis (default 1, coronal).
+        axis: slicing axis (default 1, coronal), shown in the radiological convention.
         index: slice index (default: the middle).
         window: grey-value window in HU (default: abdomen window, level 40, width 400).
         spacing: voxel size in mm, for the aspect ratio.
@@ -191,6 +347,8 @@ def save_comparison_figure(
     Returns:
         The written path.
     """
+    from voxelopt._figure import draw_comparison
+
     if not moved_by_method:
         raise ValueError("moved_by_method is empty: nothing to compare")
     if not dice_per_organ:
@@ -198,42 +356,10 @@ def save_comparison_figure(
     vols = {"fixed": _to_numpy(fixed, "fixed")}
     for name, vol in moved_by_method.items():
         vols[name] = _to_numpy(vol, f"moved_by_method[{name!r}]")
-    index = _check_common(vols, axis, index)
-    aspect = _aspect(spacing, axis)
-
-    n = len(vols)
-    fig = Figure(figsize=(max(2.6 * n, 8.0), 7.0))
-    grid = fig.add_gridspec(2, n, height_ratios=(1.2, 1.0))
-    for k, (name, vol) in enumerate(vols.items()):
-        _image_panel(fig.add_subplot(grid[0, k]), _slice(vol, axis, index), window, name, aspect)
-
-    ax = fig.add_subplot(grid[1, :])
-    labels = sorted({int(lab) for per in dice_per_organ.values() for lab in per})
-    methods = list(dice_per_organ)
-    width = 0.8 / len(methods)
-    colours = matplotlib.colormaps["tab10"]
-    for m, method in enumerate(methods):
-        data, positions = [], []
-        for j, lab in enumerate(labels):
-            values = [v for v in dice_per_organ[method].get(lab, []) if np.isfinite(v)]
-            if values:
-                data.append(values)
-                positions.append(j + (m - (len(methods) - 1) / 2) * width)
-        if not data:
-            continue
-        box = ax.boxplot(
-            data, positions=positions, widths=width * 0.9, patch_artist=True, manage_ticks=False
-        )
-        for patch in box["boxes"]:
-            patch.set_facecolor(colours(m % 10))
-            patch.set_alpha(0.7)
-        box["boxes"][0].set_label(method)
-    names = [label_names.get(lab, str(lab)) if label_names else str(lab) for lab in labels]
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-    ax.set_xlim(-0.6, len(labels) - 0.4)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel("Dice")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
+    shape = _check_shapes(vols)
+    axis = _check_axis(axis)
+    index = _check_index(shape[axis] // 2 if index is None else index, shape[axis], axis)
+    rest = [float(spacing[i]) for i in range(3) if i != axis]
+    images = {k: _display(_plane(v, axis, index)) for k, v in vols.items()}
+    fig = draw_comparison(images, axis, rest[1] / rest[0], dice_per_organ, label_names, window)
     return _save(fig, path, dpi)

@@ -8,10 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from voxelopt.features import ObeliskFeatures, ObeliskHybrid, build_extractor, load_obelisk
-from voxelopt.features.obelisk import _anchor_box, body_crop_box
+from voxelopt.features.obelisk import OBELISK_LAYERS, _anchor_box, body_crop_box
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,20 @@ class _Probe(nn.Module):
     def forward(self, x):
         self.inputs.append(x)
         return x * self.scale + torch.arange(9.0).view(1, 9, 1, 1, 1)
+
+
+class _LayerProbe(nn.Module):
+    """Stands in for the network's layers: the input averaged onto the layer's grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+        self.layers: list[str] = []
+
+    def forward(self, x, layer="logits"):
+        self.layers.append(layer)
+        channels, size = OBELISK_LAYERS[layer]
+        return F.avg_pool3d(x, 144 // size).expand(-1, channels, -1, -1, -1) * self.scale
 
 
 def _ramp(shape) -> torch.Tensor:
@@ -204,3 +219,102 @@ def test_real_ct_dice(ct_dir, obelisk_path):
     assert liver >= 0.85
     assert spleen >= 0.70
     assert gallbladder >= 0.5
+
+
+# ----------------------------------------------------------------------------- layers
+def _hooked_layers(net: ObeliskHybrid, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reference: the layers' maps captured by forward hooks during one full forward."""
+    seen: dict[str, torch.Tensor] = {}
+    names = {"batch6bU": "decoder_coarse", "batch6U": "decoder", "batch7U": "decoder_fine"}
+    hooks = [
+        getattr(net, module).register_forward_hook(
+            lambda _m, _i, out, key=key: seen.__setitem__(key, F.leaky_relu(out, 0.025))
+        )
+        for module, key in names.items()
+    ]
+    try:
+        seen["logits"] = net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.slow
+def test_network_layers_match_a_full_forward(random_weights):
+    net = load_obelisk(random_weights)
+    x = torch.rand(1, 1, 144, 144, 144, generator=torch.Generator().manual_seed(0)) + 0.5
+    with torch.no_grad():
+        expected = _hooked_layers(net, x)
+        for layer in ("decoder_coarse", "decoder", "decoder_fine"):  # logits: the hooked call
+            channels, size = OBELISK_LAYERS[layer]
+            got = net(x, layer)
+            assert got.shape == (1, channels, size, size, size), layer
+            torch.testing.assert_close(got, expected[layer], rtol=0, atol=0)
+        # the classifier's input is what it says
+        torch.testing.assert_close(net.conv77U(expected["decoder_fine"]), expected["logits"])
+    with pytest.raises(ValueError, match="layer must be one of logits, decoder_fine"):
+        net(x, "encoder")
+
+
+@pytest.mark.parametrize("layer", ["decoder", "decoder_coarse", "decoder_fine"])
+def test_layer_is_brought_to_the_crop_grid(random_weights, layer):
+    """A coarse map is upsampled as the net does, flipped back and resized onto the crop."""
+    box = ((2, 12), (3, 15), (0, 16))
+    ext = ObeliskFeatures(weights=random_weights, crop=box, layer=layer)
+    channels = OBELISK_LAYERS[layer][0]
+    assert ext.out_channels == channels and ext.pair_normalize and ext.layer == layer
+    ext.net = _LayerProbe()
+    hu = _ramp((20, 18, 16))
+    out = ext(hu)
+    assert out.shape == (1, channels, 20, 18, 16) and ext.net.layers == [layer]
+    # a linear ramp survives averaging and the align_corners=False upsampling away from the
+    # borders of the 144^3 frame: the interior of the crop gets the scaled HU back
+    expected = (hu[:, :, 2:12, 3:15] / 1024 + 1).expand(-1, channels, -1, -1, -1)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    torch.testing.assert_close(out[:, :, 2:12, 3:15][inner], expected[inner], rtol=0, atol=1e-5)
+
+
+def test_layer_argument_and_registry_names(random_weights):
+    with pytest.raises(ValueError, match="layer must be one of"):
+        ObeliskFeatures(weights=random_weights, layer="encoder")
+    for name, layer in [
+        ("obelisk_decoder", "decoder"),
+        ("obelisk_decoder_coarse", "decoder_coarse"),
+        ("obelisk_decoder_fine", "decoder_fine"),
+    ]:
+        ext = build_extractor(name, weights=random_weights)
+        assert isinstance(ext, ObeliskFeatures) and ext.layer == layer
+        assert ext.out_channels == OBELISK_LAYERS[layer][0]
+        assert ext.frozen and all(not p.requires_grad for p in ext.parameters())
+    assert build_extractor("obelisk_decoder", weights=random_weights, layer="logits").layer == (
+        "logits"
+    )
+
+
+def test_auto_crop_finds_its_box_from_the_logits(random_weights):
+    """The first pass of crop="auto" uses the logits whatever layer is extracted."""
+    ext = ObeliskFeatures(weights=random_weights, crop="auto", layer="decoder")
+    ext.net = _LayerProbe()
+    hu = torch.full((1, 1, 12, 10, 8), -1000.0)
+    hu[:, :, 2:10, 2:8, 1:7] = 40.0
+    ext(hu)
+    assert ext.net.layers == ["logits", "decoder"]
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_real_decoder_layer_shape_and_determinism(ct_dir, obelisk_path):
+    """The decoder maps of the shipped CT: shape, finite, deterministic, not constant."""
+    ct = nib.as_closest_canonical(nib.load(ct_dir / "ct.nii.gz"))
+    hu = torch.from_numpy(np.asarray(ct.dataobj, dtype=np.float32))[None, None]
+    ext = build_extractor("obelisk_decoder", weights=obelisk_path)
+    ext.train()  # frozen: stays in eval mode (running BatchNorm statistics)
+    assert not ext.net.training
+    with torch.no_grad():
+        first = ext(hu)
+        second = ext(hu)
+    assert first.shape == (1, 12, 122, 101, 112) and torch.isfinite(first).all()
+    assert torch.equal(first, second)
+    spread = first.flatten(2).std(dim=2)[0]
+    assert (spread > 0).sum() >= 6  # most of the 12 channels vary over the body

@@ -9,59 +9,12 @@ BatchNorm statistics) even when a parent module is put in training mode.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
+from voxelopt.checks import check_image, check_image_pair
+from voxelopt.features.normalize import normalize_pair
+
 __all__ = ["FeatureExtractor", "check_image", "check_image_pair"]
-
-
-def check_image(image: Tensor, name: str = "image_hu") -> Tensor:
-    """Validate a ``(B, 1, D, H, W)`` image and return it as a floating tensor.
-
-    Args:
-        image: ``(B, 1, D, H, W)`` tensor, any real dtype (integers are cast to the default
-            floating dtype).
-        name: name of the argument used in error messages.
-
-    Returns:
-        The image, floating point.
-
-    Raises:
-        TypeError: if ``image`` is not a tensor or is complex/boolean.
-        ValueError: if the shape is not ``(B, 1, D, H, W)`` or a value is not finite.
-    """
-    if not isinstance(image, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(image).__name__}")
-    if image.dtype == torch.bool or image.is_complex():
-        raise TypeError(f"{name} must be a real-valued tensor, got {image.dtype}")
-    if image.dim() != 5 or image.shape[1] != 1:
-        raise ValueError(f"{name} must have shape (B, 1, D, H, W), got {tuple(image.shape)}")
-    if image.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(image.shape)}")
-    if not image.is_floating_point():
-        image = image.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return image
-
-
-def check_image_pair(fixed_hu: Tensor, moving_hu: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate a fixed/moving pair of ``(B, 1, D, H, W)`` images on the same grid.
-
-    Returns:
-        Both images, floating point (see :func:`check_image`).
-
-    Raises:
-        ValueError: naming the two shapes when they differ.
-    """
-    fixed_hu = check_image(fixed_hu, "fixed_hu")
-    moving_hu = check_image(moving_hu, "moving_hu")
-    if fixed_hu.shape != moving_hu.shape:
-        raise ValueError(
-            f"fixed_hu and moving_hu shapes differ: {tuple(fixed_hu.shape)} vs "
-            f"{tuple(moving_hu.shape)}; resample the moving image onto the fixed grid first"
-        )
-    return fixed_hu, moving_hu
 
 
 class FeatureExtractor(nn.Module):
@@ -125,6 +78,40 @@ class FeatureExtractor(nn.Module):
     def extract(self, image_hu: Tensor) -> Tensor:
         """Compute the features of a validated floating ``(B, 1, D, H, W)`` HU image."""
         raise NotImplementedError
+
+    # ----------------------------------------------------------------- pairs
+    def prepare_pair(self, fixed_feat: Tensor, moving_feat: Tensor) -> tuple[Tensor, Tensor]:
+        """Turn the outputs of :meth:`forward` for a fixed and a moving image into the pair the
+        solver compares.
+
+        The default jointly normalises the pair (:func:`voxelopt.features.normalize_pair`) when
+        :attr:`pair_normalize` is set and returns it unchanged otherwise. Extractors whose
+        output needs more than that (e.g. :class:`~voxelopt.features.CombinedExtractor`, which
+        normalises and weights each branch) override it. Callers that cache single-image
+        features (the fixed image's) apply this afterwards, on every pair.
+
+        Args:
+            fixed_feat: ``(B, C, D, H, W)`` output of :meth:`forward` for the fixed image.
+            moving_feat: ``(B, C, D', H', W')`` output for the moving image.
+
+        Returns:
+            ``(fixed, moving)`` with the input shapes.
+        """
+        if not self.pair_normalize:
+            return fixed_feat, moving_feat
+        return normalize_pair(fixed_feat, moving_feat)
+
+    def extract_pair(self, fixed_hu: Tensor, moving_hu: Tensor) -> tuple[Tensor, Tensor]:
+        """Features of a fixed and a moving CT, ready for the solver.
+
+        Args:
+            fixed_hu: ``(B, 1, D, H, W)`` Hounsfield units.
+            moving_hu: ``(B, 1, D', H', W')`` Hounsfield units.
+
+        Returns:
+            :meth:`prepare_pair` of the two :meth:`forward` outputs.
+        """
+        return self.prepare_pair(self(fixed_hu), self(moving_hu))
 
     def extra_repr(self) -> str:
         return (

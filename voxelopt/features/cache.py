@@ -99,3 +99,7 @@ class CachedExtractor(FeatureExtractor):
 
     def extract(self, image_hu: Tensor) -> Tensor:
         return self.extractor.extract(image_hu)
+
+    def prepare_pair(self, fixed_feat: Tensor, moving_feat: Tensor) -> tuple[Tensor, Tensor]:
+        """The wrapped extractor's :meth:`~FeatureExtractor.prepare_pair`."""
+        return self.extractor.prepare_pair(fixed_feat, moving_feat)
