@@ -92,6 +92,8 @@ class AbdomenCTDataModule(PairDataModule):
         cache: keep loaded subjects in memory.
         batch_size: pairs per training batch.
         num_workers: DataLoader workers.
+        spacing_mm: working grid in mm or ``"auto"``, as ``voxelopt register --spacing``
+            (applied after ``downsample``; ``None`` keeps the grid).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class AbdomenCTDataModule(PairDataModule):
         cache: bool = True,
         batch_size: int = 1,
         num_workers: int = 0,
+        spacing_mm: float | str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         check_positive_int(downsample, "downsample")
@@ -135,6 +138,7 @@ class AbdomenCTDataModule(PairDataModule):
         self.clip_hu = None if clip_hu is None else (float(clip_hu[0]), float(clip_hu[1]))
         self.full_check = full_check
         self.cache = cache
+        self.spacing_mm = spacing_mm
 
     def split_subjects(self) -> dict[str, list[Subject]]:
         """Resolve each split's subject numbers to files (checks that every number exists)."""
@@ -157,7 +161,9 @@ class AbdomenCTDataModule(PairDataModule):
         subjects = self.split_subjects()
         validate_subjects([s for split in subjects.values() for s in split], full=self.full_check)
         for split, subs in subjects.items():
-            self.datasets[split] = PairDataset(subs, self.downsample, self.clip_hu, self.cache)
+            self.datasets[split] = PairDataset(
+                subs, self.downsample, self.clip_hu, self.cache, self.spacing_mm
+            )
 
 
 class SyntheticPairDataModule(PairDataModule):
@@ -183,6 +189,8 @@ class SyntheticPairDataModule(PairDataModule):
         intensity_change: smooth bias and noise on the moving images.
         batch_size: pairs per training batch.
         num_workers: DataLoader workers.
+        spacing_mm: working grid of the base volumes in mm or ``"auto"`` (after
+            ``downsample``, before ``size``).
     """
 
     _SEED_STRIDE = 100_000
@@ -204,6 +212,7 @@ class SyntheticPairDataModule(PairDataModule):
         intensity_change: bool = True,
         batch_size: int = 1,
         num_workers: int = 0,
+        spacing_mm: float | str | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers)
         if (images is None) != (labels is None):
@@ -226,6 +235,7 @@ class SyntheticPairDataModule(PairDataModule):
         self.downsample = downsample
         self.size = size
         self.clip_hu = clip_hu
+        self.spacing_mm = spacing_mm
         self.counts = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = seed
         self.pair_kwargs = {
@@ -246,7 +256,12 @@ class SyntheticPairDataModule(PairDataModule):
         validate_subjects(subjects)
         volumes = [
             prepare_volume(
-                load_volume(s.image), load_labels(s.label), self.downsample, self.clip_hu, self.size
+                load_volume(s.image),
+                load_labels(s.label),
+                self.downsample,
+                self.clip_hu,
+                self.size,
+                spacing_mm=self.spacing_mm,
             )
             for s in subjects
         ]

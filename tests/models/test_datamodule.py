@@ -240,3 +240,20 @@ def test_synthetic_missing_file_named(tmp_path):
         ).setup()
     with pytest.raises(ValueError, match="both images and labels"):
         SyntheticPairDataModule(images=["a.nii.gz"])
+
+
+def test_working_spacing_in_mm(paper_dir):
+    """``spacing_mm`` gives the command line's working grid: same box of voxel centres."""
+    subject = find_subjects(paper_dir)[3]
+    full, _, full_spacing = load_subject(subject)
+    image, label, spacing = load_subject(subject, spacing_mm=4.0)
+    n, s = torch.tensor(full.shape[1:]), full_spacing.double()
+    expected = torch.round((n - 1) * s / 4.0).long() + 1  # first and last centres kept
+    assert image.shape[1:] == label.shape[1:] == tuple(expected.tolist())
+    torch.testing.assert_close(spacing.double(), (n - 1) * s / (expected - 1))
+    assert set(label.unique().tolist()) <= {0, 1, 2}
+    same, _, same_spacing = load_subject(subject, spacing_mm="auto")  # small: its own grid
+    assert same.shape == full.shape and torch.equal(same_spacing, full_spacing)
+    dm = AbdomenCTDataModule(paper_dir, spacing_mm=4.0)
+    dm.setup("test")
+    assert dm.datasets["test"][0]["fixed"].shape == image.shape

@@ -35,6 +35,8 @@ class PairDataset(Dataset):
         downsample: grid reduction factor (see :func:`load_subject`).
         clip_hu: optional HU window applied to every image.
         cache: keep each loaded subject in memory (per process / worker).
+        spacing_mm: working grid in mm or ``"auto"`` (see
+            :func:`voxelopt.data.volumes.prepare_volume`).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class PairDataset(Dataset):
         downsample: int = 1,
         clip_hu: tuple[float, float] | None = None,
         cache: bool = True,
+        spacing_mm: float | str | None = None,
     ) -> None:
         if len(subjects) < 2:
             raise ValueError(
@@ -53,6 +56,7 @@ class PairDataset(Dataset):
         self.downsample = downsample
         self.clip_hu = clip_hu
         self.cache = cache
+        self.spacing_mm = spacing_mm
         self._cache: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def __len__(self) -> int:
@@ -61,7 +65,7 @@ class PairDataset(Dataset):
     def _load(self, subject: Subject) -> tuple[Tensor, Tensor, Tensor]:
         if subject.id in self._cache:
             return self._cache[subject.id]
-        out = load_subject(subject, self.downsample, self.clip_hu)
+        out = load_subject(subject, self.downsample, self.clip_hu, self.spacing_mm)
         if self.cache:
             self._cache[subject.id] = out
         return out

@@ -95,6 +95,7 @@ def prepare_volume(
     downsample: int = 1,
     clip_hu: tuple[float, float] | None = None,
     size: Sequence[int] | None = None,
+    spacing_mm: float | str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bring a loaded CT and its labels onto the working grid as tensors.
 
@@ -105,6 +106,9 @@ def prepare_volume(
         clip_hu: optional ``(low, high)`` HU window.
         size: exact ``(D, H, W)`` to resample to instead (corner-aligned, applied after
             ``downsample``; for tests and fixed-size training crops).
+        spacing_mm: the working grid of ``voxelopt register --spacing``: a voxel size in mm
+            or ``"auto"`` (:func:`voxelopt.grid.working_spacing`), anti-aliased, over the same
+            box of voxel centres; applied after ``downsample``.
 
     Returns:
         ``image (1, D, H, W)`` float32, ``label (1, D, H, W)`` int64, ``spacing (3,)`` mm.
@@ -117,6 +121,13 @@ def prepare_volume(
             f"{image.shape}"
         )
     image, label = downsample_volume(image, downsample), downsample_volume(label, downsample, True)
+    if spacing_mm is not None:  # the working grid of the command line, in millimetres
+        from voxelopt.ct import AIR_HU
+        from voxelopt.grid import resample_to_grid, working_grid, working_spacing
+
+        grid = working_grid(image, working_spacing(image.shape, image.spacing, spacing_mm))
+        image = resample_to_grid(image, grid, 1, AIR_HU)
+        label = resample_to_grid(label, grid, 0, 0)
     image_t = torch.from_numpy(np.ascontiguousarray(image.data, dtype=np.float32))[None]
     label_t = torch.from_numpy(np.ascontiguousarray(label.data, dtype=np.int64))[None]
     spacing_t = torch.tensor(image.spacing, dtype=torch.float64)
@@ -137,7 +148,10 @@ def prepare_volume(
 
 
 def load_subject(
-    subject, downsample: int = 1, clip_hu: tuple[float, float] | None = None
+    subject,
+    downsample: int = 1,
+    clip_hu: tuple[float, float] | None = None,
+    spacing_mm: float | str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Read one subject's CT and labels onto the (optionally downsampled) working grid.
 
@@ -145,11 +159,16 @@ def load_subject(
         subject: a :class:`voxelopt.data.subjects.Subject`.
         downsample: integer factor (see the module docstring).
         clip_hu: optional ``(low, high)`` window in HU applied to the image.
+        spacing_mm: working grid in mm or ``"auto"`` (see :func:`prepare_volume`).
 
     Returns:
         ``image (1, D, H, W)`` float32 HU, ``label (1, D, H, W)`` int64 and ``spacing (3,)``
         float32 in mm of the returned grid.
     """
     return prepare_volume(
-        load_volume(subject.image), load_labels(subject.label), downsample, clip_hu
+        load_volume(subject.image),
+        load_labels(subject.label),
+        downsample,
+        clip_hu,
+        spacing_mm=spacing_mm,
     )
