@@ -12,9 +12,20 @@ Example:
     torch.Size([1, 3, 32, 32, 32])
 """
 
-from voxelopt.config import VoxelOptConfig
-from voxelopt.pyramid import VoxelOpt, VoxelOptResult
-from voxelopt.registration import RegistrationResult, VoxelOptRegistration, register
+from __future__ import annotations
+
+import importlib
+
+# Loaded on first access (PEP 562), so that `voxelopt --help` and other light entry points
+# do not import torch (about 1.3 s).
+_LAZY = {
+    "RegistrationResult": "voxelopt.registration",
+    "VoxelOpt": "voxelopt.pyramid",
+    "VoxelOptConfig": "voxelopt.config",
+    "VoxelOptRegistration": "voxelopt.registration",
+    "VoxelOptResult": "voxelopt.pyramid",
+    "register": "voxelopt.registration",
+}
 
 __all__ = [
     "RegistrationResult",
@@ -25,3 +36,16 @@ __all__ = [
     "register",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'voxelopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

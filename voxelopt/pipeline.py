@@ -261,6 +261,31 @@ def _solve(model, f: Tensor, m: Tensor, stages: _Stages):
     return result
 
 
+def _solve_and_score(model, on_grid: list, grid: Volume, device, stages: _Stages):
+    """Features, solve and scores on the working grid: ``(disp (CPU), entropy, scores, s)``.
+
+    ``on_grid[0]`` holds the images (dropped from it once solved), ``on_grid[1]`` the label
+    maps when given.
+    """
+    from voxelopt.evaluation import score_registration
+
+    with torch.inference_mode():
+        f, m = (_tensor(v.data, device) for v in on_grid[0])
+        result = _solve(model, f, m, stages)
+        disp = result.displacement.float()
+        entropy = result.entropy[0, 0].float().cpu().numpy()
+        del f, m, on_grid[0], result  # the levels' maps: 190 bytes per working voxel
+        runtime = stages.timings["features"] + stages.timings["solve"]
+        with stages("metrics", grid="working", shape=grid.shape):
+            fl = ml = None
+            if on_grid:
+                fl, ml = (_tensor(v.data, device, torch.int64)[0, 0] for v in on_grid[-1])
+            scores = score_registration(
+                disp, spacing=grid.spacing, fixed_labels=fl, moving_labels=ml, runtime_s=runtime
+            )
+    return disp.cpu(), entropy, scores, runtime
+
+
 def register_volumes(
     fixed: Volume,
     moving: Volume,
@@ -306,7 +331,6 @@ def register_volumes(
     Returns:
         :class:`VolumeRegistration`.
     """
-    from voxelopt.evaluation import score_registration
     from voxelopt.registration import VoxelOptRegistration
 
     _check_inputs(fixed, moving, fixed_labels, moving_labels)
@@ -325,21 +349,7 @@ def register_volumes(
     if labels:
         pairs.append((fixed_labels, moving_labels, 0, 0))
     on_grid = _resample(pairs, grid, matrix, stages)
-    with torch.inference_mode():
-        f, m = (_tensor(v.data, device) for v in on_grid[0])
-        result = _solve(model, f, m, stages)
-        disp = result.displacement.float()
-        entropy = result.entropy[0, 0].float().cpu().numpy()
-        del f, m, on_grid[0], result  # the levels' maps: 190 bytes per working voxel
-        runtime = stages.timings["features"] + stages.timings["solve"]
-        with stages("metrics", grid="working", shape=grid.shape):
-            fl = ml = None
-            if labels:
-                fl, ml = (_tensor(v.data, device, torch.int64)[0, 0] for v in on_grid[-1])
-            scores = score_registration(
-                disp, spacing=grid.spacing, fixed_labels=fl, moving_labels=ml, runtime_s=runtime
-            )
-    disp = disp.cpu()
+    disp, entropy, scores, runtime = _solve_and_score(model, on_grid, grid, device, stages)
     with stages("warp", shape=fixed.shape) as step:
         jobs = [WarpJob(moving, 1, fill_value)]
         if labels:

@@ -31,6 +31,7 @@ def write_results(
     moving_labels: Volume | None,
     result,
     threads: int = 1,
+    grid: str = "fixed",
 ) -> None:
     """Every output file except report.json, into ``out``'s staging folder.
 
@@ -46,9 +47,10 @@ def write_results(
         moving_labels: the moving label map (any grid), or ``None``.
         result: the :class:`~voxelopt.pipeline.VolumeRegistration`.
         threads: threads compressing the displacement file.
+        grid: ``"fixed"`` (Learn2Reg) or ``"working"``: the grid of ``displacement.nii.gz``.
     """
     save_volume(result.moved, fixed, out.path("moved.nii.gz"), dtype=np.float32)
-    result.write_displacement(out.path("displacement.nii.gz"), threads=threads)
+    result.write_displacement(out.path("displacement.nii.gz"), grid=grid, threads=threads)
     if result.moved_labels is not None:
         save_volume(result.moved_labels, fixed, out.path("moved_labels.nii.gz"))
     registration_figure(
