@@ -55,6 +55,11 @@ class VoxelOptConfig:
         precision: dtype of the features, cost volumes and their filtering: ``"float32"``, or
             ``"float16"`` / ``"bfloat16"`` to halve their memory on CUDA (displacement fields
             stay in float32). ``"auto"`` keeps the dtype of the input features.
+        backend: implementation of the CPU hot path. ``"torch"``: the torch operators
+            (reference; autograd; GPU). ``"numba"``: the fused kernels of
+            :mod:`voxelopt.kernels` (CPU, float32, hard argmin, no gradient; raises where that
+            does not hold). ``"auto"``: numba where all of that holds and numba is installed,
+            torch otherwise.
     """
 
     levels: int = 5
@@ -76,6 +81,7 @@ class VoxelOptConfig:
     field_padding: Literal["zeros", "border"] = "border"
     feature_padding: Literal["zeros", "border"] = "zeros"
     precision: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    backend: Literal["auto", "torch", "numba"] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gammas", tuple(float(g) for g in self.gammas))
@@ -117,6 +123,10 @@ class VoxelOptConfig:
                 f"precision must be 'auto', 'float32', 'float16' or 'bfloat16', got "
                 f"{self.precision!r}"
             )
+        if self.backend not in ("auto", "torch", "numba"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'numba', got {self.backend!r}")
+        if self.backend == "numba" and self.argmin != "hard":
+            raise ValueError("backend 'numba' needs argmin='hard' (the soft argmin is torch's)")
         for name in ("field_padding", "feature_padding"):
             if getattr(self, name) not in ("zeros", "border"):
                 raise ValueError(f"{name} must be 'zeros' or 'border', got {getattr(self, name)!r}")

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from voxelopt import kernels
+
 __all__ = ["cost_volume", "search_offsets"]
 
 
@@ -45,13 +47,17 @@ def search_offsets(
     return torch.tensor(ordered, device=device, dtype=dtype or torch.get_default_dtype())
 
 
-def cost_volume(fixed: Tensor, moving: Tensor, kernel_size: int = 1) -> Tensor:
+def cost_volume(
+    fixed: Tensor, moving: Tensor, kernel_size: int = 1, backend: str = "torch"
+) -> Tensor:
     """L1 matching cost of every local offset.
 
     Args:
         fixed: ``(B, C, D, H, W)`` fixed features.
         moving: ``(B, C, D, H, W)`` moving features on the same grid.
         kernel_size: search half-width ``k``; ``(2k+1)^3`` offsets.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.cost_volume`, the same
+            values bit for bit) or ``"auto"`` (see :func:`voxelopt.kernels.use_numba`).
 
     Returns:
         ``(B, (2k+1)^3, D, H, W)`` cost, channel order as :func:`search_offsets`; differentiable
@@ -66,6 +72,8 @@ def cost_volume(fixed: Tensor, moving: Tensor, kernel_size: int = 1) -> Tensor:
         raise ValueError(
             f"fixed and moving shapes differ: {tuple(fixed.shape)} vs {tuple(moving.shape)}"
         )
+    if kernels.use_numba(backend, fixed, moving):
+        return kernels.cost_volume(fixed, moving, kernel_size)
     k = kernel_size
     b, c, d, h, w = fixed.shape
     # Zero-pad both volumes by k and flatten: on the padded grid an offset o is a constant

@@ -9,12 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from voxelopt import kernels
+
 __all__ = ["displacement_entropy", "sigma_map"]
 
 _EPS = 1e-12
 
 
-def displacement_entropy(cost: Tensor, beta: float = 0.1, prob_floor: float = 1e-6) -> Tensor:
+def displacement_entropy(
+    cost: Tensor, beta: float = 0.1, prob_floor: float = 1e-6, backend: str = "torch"
+) -> Tensor:
     """Shannon entropy of the displacement distribution of every voxel.
 
     ``P(x, .) = softmax(-C(x, .) / beta)`` over the offsets, clamped to ``[prob_floor, 1]`` and
@@ -24,6 +28,8 @@ def displacement_entropy(cost: Tensor, beta: float = 0.1, prob_floor: float = 1e
         cost: ``(B, K, D, H, W)`` cost volume (lower is better).
         beta: softmax temperature, in cost units.
         prob_floor: lower clamp of the probabilities before the log.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.displacement_entropy`;
+            equal to float rounding) or ``"auto"``.
 
     Returns:
         ``(B, 1, D, H, W)`` entropy in nats, in ``[0, log K]``.
@@ -32,6 +38,8 @@ def displacement_entropy(cost: Tensor, beta: float = 0.1, prob_floor: float = 1e
         raise ValueError(f"cost must be (B, K, D, H, W), got {tuple(cost.shape)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta!r}")
+    if kernels.use_numba(backend, cost):
+        return kernels.displacement_entropy(cost, beta, prob_floor)
     if torch.is_grad_enabled() and cost.requires_grad:
         prob = torch.softmax(cost * (-1.0 / beta), dim=1)
         prob = prob.clamp(min=prob_floor, max=1.0)
@@ -82,6 +90,7 @@ def sigma_map(
     sigma_low: float = 0.1,
     sigma_high: float = 0.5,
     alpha: float = 1.5,
+    backend: str = "torch",
 ) -> Tensor:
     """Blur strength of the message passing from the entropy, normalised per sample.
 
@@ -96,12 +105,16 @@ def sigma_map(
         sigma_low: sigma (voxels) of the most confident voxel, reference variant.
         sigma_high: sigma (voxels) of the least confident voxel, reference variant.
         alpha: scale of the paper variant.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.sigma_and_weight`) or
+            ``"auto"``.
 
     Returns:
         ``(B, 1, D, H, W)`` sigma in voxels.
     """
     if entropy.dim() != 5 or entropy.shape[1] != 1:
         raise ValueError(f"entropy must be (B, 1, D, H, W), got {tuple(entropy.shape)}")
+    if mode in ("reference", "paper") and kernels.use_numba(backend, entropy):
+        return kernels.sigma_and_weight(entropy, mode, sigma_low, sigma_high, alpha)[0]
     if mode == "reference":
         low = _per_sample(entropy, torch.min)
         high = _per_sample(entropy, torch.max)

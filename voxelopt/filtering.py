@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from voxelopt import kernels
+
 __all__ = ["adaptive_smooth", "side_weight", "smooth"]
 
 
@@ -54,7 +56,13 @@ def _axis_pass(x: Tensor, weight: Tensor | float, dim: int) -> Tensor:
     return x.add(lap, alpha=weight)
 
 
-def smooth(x: Tensor, weight: Tensor | float, iterations: int = 3, inplace: bool = False) -> Tensor:
+def smooth(
+    x: Tensor,
+    weight: Tensor | float,
+    iterations: int = 3,
+    inplace: bool = False,
+    backend: str = "torch",
+) -> Tensor:
     """Repeat the three axis passes ``iterations`` times.
 
     Args:
@@ -65,6 +73,8 @@ def smooth(x: Tensor, weight: Tensor | float, iterations: int = 3, inplace: bool
         inplace: allow overwriting ``x`` (used for large cost volumes the caller owns). It is
             honoured only when no gradient is being recorded; with autograd the result is
             always a new tensor.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.smooth`, the same values
+            bit for bit) or ``"auto"``.
 
     Returns:
         ``(B, C, D, H, W)`` smoothed signal; differentiable in ``x`` and ``weight``.
@@ -81,6 +91,12 @@ def smooth(x: Tensor, weight: Tensor | float, iterations: int = 3, inplace: bool
             weight = weight.to(x.dtype)
     if iterations == 0:
         return x
+    if kernels.use_numba(backend, x, weight if isinstance(weight, Tensor) else None):
+        result = kernels.smooth(x, weight, iterations, inplace)
+        if result is not None:
+            return result
+        if backend == "numba":
+            raise ValueError("backend='numba' smooths with side weights in [0, 0.5) only")
     recording = torch.is_grad_enabled() and (
         x.requires_grad or (isinstance(weight, Tensor) and weight.requires_grad)
     )
@@ -132,15 +148,18 @@ def _neighbour_mean(x: Tensor, dim: int, out: Tensor) -> None:
     torch.mul(x.narrow(dim, n - 2, 1), 0.5, out=out.narrow(dim, n - 1, 1))
 
 
-def adaptive_smooth(x: Tensor, sigma: Tensor, iterations: int = 3) -> Tensor:
+def adaptive_smooth(
+    x: Tensor, sigma: Tensor, iterations: int = 3, backend: str = "torch"
+) -> Tensor:
     """Smooth ``x`` with the per-voxel Gaussian of blur ``sigma`` (voxels).
 
     Args:
         x: ``(B, C, D, H, W)``.
         sigma: ``(B, 1, D, H, W)`` blur strength per voxel.
         iterations: number of smoothings.
+        backend: ``"torch"``, ``"numba"`` or ``"auto"`` (see :func:`smooth`).
 
     Returns:
         ``(B, C, D, H, W)``.
     """
-    return smooth(x, side_weight(sigma), iterations)
+    return smooth(x, side_weight(sigma), iterations, backend=backend)

@@ -9,13 +9,14 @@ composes it with that field. Each level searches +-k voxels, so the reach is abo
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from voxelopt.config import VoxelOptConfig
-from voxelopt.solver import LevelResult, solve_level
+from voxelopt.solver import LevelResult, level_backend, solve_level
 from voxelopt.transform import (
     compose,
     integrate_velocity,
@@ -115,21 +116,30 @@ class VoxelOpt(nn.Module):
             f"adaptive={c.adaptive}, prefilter_cost={c.prefilter_cost}"
         )
 
-    def forward(self, fixed: Tensor, moving: Tensor) -> Tensor:
+    def forward(
+        self, fixed: Tensor, moving: Tensor, on_level: Callable[[int, int], None] | None = None
+    ) -> Tensor:
         """Register moving features onto fixed features.
 
         Args:
             fixed: ``(B, C, D, H, W)`` fixed features.
             moving: ``(B, C, D, H, W)`` moving features on the same grid.
+            on_level: called after each pyramid level (coarsest first) with the number of
+                levels finished so far (1 .. L) and the number of levels ``L``; for progress
+                reports.
 
         Returns:
             ``(B, 3, D, H, W)`` displacement in voxels: ``warp(moving, u)`` matches ``fixed``.
         """
-        return self.solve(fixed, moving).displacement
+        return self.solve(fixed, moving, on_level=on_level).displacement
 
-    def solve(self, fixed: Tensor, moving: Tensor) -> VoxelOptResult:
+    def solve(
+        self, fixed: Tensor, moving: Tensor, on_level: Callable[[int, int], None] | None = None
+    ) -> VoxelOptResult:
         """Like :meth:`forward`, also returning each level's entropy and sigma maps."""
         check_feature_pair(fixed, moving)
+        if on_level is not None and not callable(on_level):
+            raise TypeError(f"on_level must be callable or None, got {type(on_level).__name__}")
         cfg = self.config
         if cfg.precision != "auto":
             dtype = getattr(torch, cfg.precision)
@@ -154,14 +164,21 @@ class VoxelOpt(nn.Module):
 
         levels: list[LevelResult] = []
         phi: Tensor | None = None
+        backend = level_backend(cfg, fixed, moving)  # "numba": the fused CPU kernels
         for level in reversed(range(cfg.levels)):
             fixed_l, moving_l = fixed_pyramid[level], moving_pyramid[level]
             if phi is not None:
                 phi = resize_displacement(phi, shapes[level])
-                moving_l = warp(moving_l, phi, padding_mode=cfg.feature_padding)
+                moving_l = warp(moving_l, phi, padding_mode=cfg.feature_padding, backend=backend)
             result = solve_level(fixed_l, moving_l, cfg)
-            residual = integrate_velocity(result.velocity, cfg.integration_steps, cfg.field_padding)
-            phi = residual if phi is None else compose(residual, phi, cfg.field_padding)
+            residual = integrate_velocity(
+                result.velocity, cfg.integration_steps, cfg.field_padding, backend=backend
+            )
+            if phi is not None:
+                residual = compose(residual, phi, cfg.field_padding, backend=backend)
+            phi = residual
             levels.insert(0, result)
+            if on_level is not None:
+                on_level(cfg.levels - level, cfg.levels)
         assert phi is not None
         return VoxelOptResult(displacement=phi, levels=levels)

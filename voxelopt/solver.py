@@ -6,6 +6,9 @@
 
 The argmin is hard (as published; no gradient flows through the choice of offset) or soft
 (the expectation of the offsets under ``softmax(-cost / T)``, differentiable end to end).
+
+Every step runs on the torch operators or on the fused numba kernels of
+:mod:`voxelopt.kernels`, as :func:`level_backend` decides from ``config.backend``.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from voxelopt import kernels
 from voxelopt.config import VoxelOptConfig
 from voxelopt.cost import cost_volume, search_offsets
 from voxelopt.entropy import displacement_entropy, sigma_map
 from voxelopt.filtering import side_weight, smooth
 
-__all__ = ["LevelResult", "hard_argmin", "offset_argmin", "solve_level"]
+__all__ = ["LevelResult", "hard_argmin", "level_backend", "offset_argmin", "solve_level"]
 
 
 @dataclass
@@ -39,8 +43,22 @@ class LevelResult:
     sigma: Tensor
 
 
+def level_backend(config: VoxelOptConfig, *tensors: Tensor) -> str:
+    """``"numba"`` or ``"torch"``: what ``config.backend`` selects for a solve on ``tensors``.
+
+    The numba kernels take the hard argmin only; with ``argmin="soft"`` every step is torch's
+    (``backend="numba"`` with the soft argmin is refused by the config itself).
+    """
+    backend = config.backend if config.argmin == "hard" else "torch"
+    return "numba" if kernels.use_numba(backend, *tensors) else "torch"
+
+
 def offset_argmin(
-    cost: Tensor, offsets: Tensor, mode: str = "hard", temperature: float = 0.01
+    cost: Tensor,
+    offsets: Tensor,
+    mode: str = "hard",
+    temperature: float = 0.01,
+    backend: str = "torch",
 ) -> Tensor:
     """The offset of least cost per voxel, hard or soft.
 
@@ -50,6 +68,8 @@ def offset_argmin(
         mode: ``"hard"``: the offset of the minimum (ties: the first in channel order);
             ``"soft"``: ``sum_o softmax(-cost / temperature)_o * o``.
         temperature: soft-argmin temperature in cost units.
+        backend: for the hard argmin, ``"torch"``, ``"numba"``
+            (:func:`voxelopt.kernels.hard_argmin`, the same choice) or ``"auto"``.
 
     Returns:
         ``(B, 3, D, H, W)`` displacement in voxels (float32 or the cost's dtype, whichever is
@@ -62,6 +82,8 @@ def offset_argmin(
     out_dtype = torch.promote_types(cost.dtype, torch.float32)
     offsets = offsets.to(device=cost.device, dtype=out_dtype)
     if mode == "hard":
+        if kernels.use_numba(backend, cost):
+            return kernels.hard_argmin(cost, offsets, exact_if_negative=True)
         return hard_argmin(cost, offsets) if cost.min() >= 0 else _first_min(cost, offsets)
     if mode == "soft":
         prob = torch.softmax(cost.to(out_dtype) * (-1.0 / temperature), dim=1)
@@ -119,7 +141,11 @@ def _block_argmin(block: Tensor, out: Tensor, order: Tensor | None, mask: int) -
 
 @torch.no_grad()
 def hard_argmin(
-    cost: Tensor, offsets: Tensor, u: Tensor | None = None, gamma: float = 0.0
+    cost: Tensor,
+    offsets: Tensor,
+    u: Tensor | None = None,
+    gamma: float = 0.0,
+    backend: str = "torch",
 ) -> Tensor:
     """Hard ``argmin_o C~(x, o) + gamma ||u(x) - o||^2`` without a full-size temporary.
 
@@ -134,10 +160,14 @@ def hard_argmin(
         offsets: ``(K, 3)`` offsets in voxels.
         u: ``(B, 3, D, H, W)`` current smooth field, or ``None`` for the plain argmin.
         gamma: coupling weight (ignored without ``u``).
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.hard_argmin`: one pass,
+            the same tie-breaking) or ``"auto"``.
 
     Returns:
         ``(B, 3, D, H, W)`` chosen offsets (float32, or float64 for a float64 cost).
     """
+    if kernels.use_numba(backend, cost, u):
+        return kernels.hard_argmin(cost, offsets, u, gamma)
     b, k = cost.shape[:2]
     n = cost[0, 0].numel()
     dtype, device = cost.dtype, cost.device
@@ -186,31 +216,66 @@ def solve_level(fixed: Tensor, moving: Tensor, config: VoxelOptConfig) -> LevelR
     Returns:
         :class:`LevelResult` with the level's velocity ``u`` (voxels of this level).
     """
+    backend = level_backend(config, fixed, moving)
     offsets = search_offsets(config.kernel_size, device=fixed.device)
-    cost = cost_volume(fixed, moving, config.kernel_size)
-    entropy = displacement_entropy(cost, config.beta, config.prob_floor)
-
-    if config.adaptive:
-        sigma = sigma_map(
-            entropy, config.sigma_mode, config.sigma_low, config.sigma_high, config.alpha
+    if backend == "numba":  # the entropy of each plane while its costs are in cache
+        cost, entropy = kernels.cost_and_entropy(
+            fixed, moving, config.kernel_size, config.beta, config.prob_floor
         )
-        weight: Tensor | float = side_weight(sigma)
     else:
-        sigma = torch.full_like(entropy, config.fixed_sigma)
-        weight = side_weight(config.fixed_sigma)
+        cost = cost_volume(fixed, moving, config.kernel_size)
+        entropy = displacement_entropy(cost, config.beta, config.prob_floor)
+    sigma, weight = _blur(entropy, config, backend)
     iterations = config.smoothing_iterations
 
     if config.prefilter_cost:
-        cost = smooth(cost, weight, iterations, inplace=True)
+        cost = smooth(cost, weight, iterations, inplace=True, backend=backend)
+    if backend == "numba":
+        return LevelResult(_kernel_rounds(cost, offsets, weight, config), entropy, sigma)
 
     def argmin(c: Tensor) -> Tensor:
-        return offset_argmin(c, offsets, config.argmin, config.temperature)
+        return offset_argmin(c, offsets, config.argmin, config.temperature, backend=backend)
 
-    u = smooth(argmin(cost), weight, iterations, inplace=True)
+    u = smooth(argmin(cost), weight, iterations, inplace=True, backend=backend)
     for gamma in config.gammas:
         if config.argmin == "hard":
-            v = hard_argmin(cost, offsets, u, gamma)
+            v = hard_argmin(cost, offsets, u, gamma, backend=backend)
         else:
             v = argmin(_coupled_cost(cost, u, offsets, gamma))
-        u = smooth(v, weight, iterations, inplace=True)
+        u = smooth(v, weight, iterations, inplace=True, backend=backend)
     return LevelResult(velocity=u, entropy=entropy, sigma=sigma)
+
+
+def _kernel_rounds(cost: Tensor, offsets: Tensor, weight: Tensor, config: VoxelOptConfig) -> Tensor:
+    """The argmin and smoothing rounds of :func:`solve_level` on the numba kernels, with two
+    field buffers for all of them (a round's argmin no longer needs the previous ``u`` once
+    it has read it) instead of two new fields per round."""
+    iterations = config.smoothing_iterations
+
+    def smoothed(v: Tensor, out: Tensor | None) -> Tensor:
+        if iterations == 0:
+            return v.clone()
+        result = kernels.smooth(v, weight, iterations, out=out)
+        return result if result is not None else smooth(v, weight, iterations, backend="numba")
+
+    v = kernels.hard_argmin(cost, offsets, exact_if_negative=True)
+    u = smoothed(v, None)
+    for gamma in config.gammas:
+        kernels.hard_argmin(cost, offsets, u, gamma, out=v)
+        u = smoothed(v, u)
+    return u
+
+
+def _blur(entropy: Tensor, config: VoxelOptConfig, backend: str) -> tuple[Tensor, Tensor | float]:
+    """The level's sigma map ``(B, 1, D, H, W)`` and the side weight of the smoothing."""
+    if not config.adaptive:
+        sigma = torch.full_like(entropy, config.fixed_sigma)
+        weight = side_weight(config.fixed_sigma)
+        # the kernels take a map: one per level rather than one per smoothing
+        return sigma, torch.full_like(entropy, weight) if backend == "numba" else weight
+    if backend == "numba":  # sigma and its side weight in one pass
+        return kernels.sigma_and_weight(
+            entropy, config.sigma_mode, config.sigma_low, config.sigma_high, config.alpha
+        )
+    sigma = sigma_map(entropy, config.sigma_mode, config.sigma_low, config.sigma_high, config.alpha)
+    return sigma, side_weight(sigma)

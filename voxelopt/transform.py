@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from voxelopt import kernels
+from voxelopt.checks import check_displacement
+
 __all__ = [
     "check_displacement",
     "compose",
@@ -31,16 +34,6 @@ __all__ = [
     "resize_volume",
     "warp",
 ]
-
-
-def check_displacement(disp: Tensor, name: str = "displacement") -> None:
-    """Raise ``ValueError`` unless ``disp`` is a ``(B, 3, D, H, W)`` floating tensor."""
-    if not isinstance(disp, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(disp).__name__}")
-    if disp.dim() != 5 or disp.shape[1] != 3:
-        raise ValueError(f"{name} must have shape (B, 3, D, H, W), got {tuple(disp.shape)}")
-    if not disp.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {disp.dtype}")
 
 
 def identity_grid(
@@ -98,6 +91,7 @@ def warp(
     disp: Tensor,
     mode: str = "bilinear",
     padding_mode: str = "zeros",
+    backend: str = "torch",
 ) -> Tensor:
     """Warp ``image`` by a displacement: ``out(x) = image(x + disp(x))``.
 
@@ -106,6 +100,8 @@ def warp(
         disp: ``(B, 3, D, H, W)`` displacement in voxels.
         mode: ``"bilinear"`` (trilinear) or ``"nearest"`` (for label maps).
         padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.warp`, equal to float
+            rounding; bilinear with zero or border padding only) or ``"auto"``.
 
     Returns:
         ``(B, C, D, H, W)`` warped image, same dtype as ``image``.
@@ -118,11 +114,13 @@ def warp(
             f"image grid {tuple(image.shape[2:])} does not match displacement grid "
             f"{tuple(disp.shape[2:])}"
         )
+    if image.shape[0] not in (1, disp.shape[0]):
+        raise ValueError(
+            f"batch sizes differ: image {image.shape[0]}, displacement {disp.shape[0]}"
+        )
+    if _numba_sampling(backend, mode, padding_mode, image, disp):
+        return kernels.warp(image, disp, padding_mode)  # broadcasts a batch-1 image itself
     if image.shape[0] != disp.shape[0]:
-        if image.shape[0] != 1:
-            raise ValueError(
-                f"batch sizes differ: image {image.shape[0]}, displacement {disp.shape[0]}"
-            )
         image = image.expand(disp.shape[0], *image.shape[1:])
     grid = _sampling_grid(disp)
     src = image if image.is_floating_point() else image.to(disp.dtype)
@@ -130,6 +128,20 @@ def warp(
         grid = grid.to(src.dtype)
     out = grid_sample_3d(src, grid, mode=mode, padding_mode=padding_mode)
     return out if image.is_floating_point() else out.round().to(image.dtype)
+
+
+def _numba_sampling(backend: str, mode: str, padding_mode: str, *tensors: Tensor) -> bool:
+    """Whether a warp runs on :mod:`voxelopt.kernels` (trilinear, zero or border padding)."""
+    if backend == "torch":
+        return False
+    if mode != "bilinear" or padding_mode not in ("zeros", "border"):
+        if backend == "numba":
+            raise ValueError(
+                f"backend='numba' samples bilinear with zeros or border padding only, got "
+                f"mode={mode!r}, padding_mode={padding_mode!r}"
+            )
+        return False
+    return kernels.use_numba(backend, *tensors)
 
 
 def _cpu_chunks(batch: int, voxels: int) -> int:
@@ -173,7 +185,9 @@ def grid_sample_3d(image: Tensor, grid: Tensor, mode: str, padding_mode: str) ->
     return out.view(chunks, c, -1).transpose(0, 1).contiguous().view(1, c, *out_shape)
 
 
-def compose(first: Tensor, second: Tensor, padding_mode: str = "border") -> Tensor:
+def compose(
+    first: Tensor, second: Tensor, padding_mode: str = "border", backend: str = "torch"
+) -> Tensor:
     """Compose two displacements in sampling order.
 
     The result maps ``x -> x + first(x) -> (x + first(x)) + second(x + first(x))``:
@@ -183,16 +197,23 @@ def compose(first: Tensor, second: Tensor, padding_mode: str = "border") -> Tens
         first: ``(B, 3, D, H, W)`` displacement applied at the fixed grid.
         second: ``(B, 3, D, H, W)`` displacement evaluated where ``first`` points to.
         padding_mode: padding used when sampling ``second``.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.compose`, one pass) or
+            ``"auto"``.
 
     Returns:
         ``(B, 3, D, H, W)`` composed displacement.
     """
     check_displacement(first, "first")
     check_displacement(second, "second")
-    return first + warp(second, first, padding_mode=padding_mode)
+    if second.shape[0] in (1, first.shape[0]) and second.shape[2:] == first.shape[2:]:
+        if _numba_sampling(backend, "bilinear", padding_mode, first, second):
+            return kernels.compose(first, second, padding_mode)
+    return first + warp(second, first, padding_mode=padding_mode, backend=backend)
 
 
-def integrate_velocity(velocity: Tensor, steps: int = 7, padding_mode: str = "border") -> Tensor:
+def integrate_velocity(
+    velocity: Tensor, steps: int = 7, padding_mode: str = "border", backend: str = "torch"
+) -> Tensor:
     """Scaling and squaring of a stationary velocity field.
 
     ``phi = v / 2**steps``, then ``steps`` times ``phi <- phi + phi(x + phi(x))``.
@@ -201,6 +222,8 @@ def integrate_velocity(velocity: Tensor, steps: int = 7, padding_mode: str = "bo
         velocity: ``(B, 3, D, H, W)`` in voxels.
         steps: number of squarings (0 returns the velocity itself).
         padding_mode: padding when the field samples itself.
+        backend: ``"torch"``, ``"numba"`` (:func:`voxelopt.kernels.integrate_velocity`, one
+            pass per squaring) or ``"auto"``.
 
     Returns:
         ``(B, 3, D, H, W)`` displacement of the time-1 flow.
@@ -208,6 +231,8 @@ def integrate_velocity(velocity: Tensor, steps: int = 7, padding_mode: str = "bo
     check_displacement(velocity, "velocity")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    if _numba_sampling(backend, "bilinear", padding_mode, velocity):
+        return kernels.integrate_velocity(velocity, steps, padding_mode)
     phi = velocity / (2**steps)
     for _ in range(steps):
         phi = phi + warp(phi, phi, padding_mode=padding_mode)

@@ -1,0 +1,372 @@
+"""Fused CPU kernels for the solver's inference hot path, and when to use them.
+
+The torch operators of :mod:`voxelopt.cost`, :mod:`voxelopt.entropy`, :mod:`voxelopt.filtering`,
+:mod:`voxelopt.solver` and :mod:`voxelopt.transform` stay the reference, the autograd path
+(soft argmin, training) and the GPU path. On CPU each of them is a chain of small ATen
+operators (each a pass over memory and a wake-up of the thread pool); the kernels here do each
+step in one parallel pass, compiled by numba:
+
+=======================  =========================================================  ===========
+step                     kernel                                                     vs torch
+=======================  =========================================================  ===========
+cost volume (+ entropy)  :func:`cost_volume`, :func:`cost_and_entropy`              bit for bit
+entropy                  :func:`displacement_entropy` (27 exp, 2 log a voxel)       rounding
+sigma map, side weight   :func:`sigma_and_weight`                                   rounding
+smoothing (all passes)   :func:`smooth`                                             bit for bit
+hard (coupled) argmin    :func:`hard_argmin`, the same tie-breaking                 bit for bit
+trilinear sampling       :func:`warp`, :func:`compose`, :func:`integrate_velocity`  bit for bit
+=======================  =========================================================  ===========
+
+("bit for bit": measured on this project's machines, where torch's vectorised ``lerp`` and
+``add`` are fused multiply-adds as here; "rounding": a few float32 ulps, from a different
+``exp``/``log``.) Every function here takes and returns float32 CPU tensors
+and records no gradient; :func:`use_numba` says when a backend setting selects them. numba is
+imported on the first call of a kernel, not with this package; compiled kernels are cached on
+disk (``cache=True``), so only the very first use on a machine pays the compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import threading
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BACKENDS",
+    "compose",
+    "cost_and_entropy",
+    "cost_volume",
+    "displacement_entropy",
+    "hard_argmin",
+    "integrate_velocity",
+    "numba_available",
+    "sigma_and_weight",
+    "smooth",
+    "unsupported",
+    "use_numba",
+    "warm_up",
+    "warp",
+]
+
+#: ``"auto"``: numba where it applies (CPU, float32, no gradient recorded), torch elsewhere.
+BACKENDS = ("auto", "torch", "numba")
+
+#: Voxels per work item of the entropy kernels (``_entropy.BLOCK``, kept here so that this
+#: module does not import numba).
+_ENTROPY_BLOCK = 512
+
+
+@functools.lru_cache(maxsize=1)
+def numba_available() -> bool:
+    """Whether numba can be imported (checked without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def unsupported(*tensors: Tensor | None) -> str | None:
+    """Why the numba kernels cannot take these tensors, or ``None`` when they can."""
+    if not numba_available():
+        return "needs the numba package (pip install numba)"
+    recording = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu":
+            return f"runs on CPU only, got a tensor on {t.device}"
+        if t.dtype != torch.float32:
+            return f"needs float32 tensors, got {t.dtype}"
+        if recording and t.requires_grad:
+            return "records no gradients; a tensor requires grad (use backend='torch')"
+    return None
+
+
+def use_numba(backend: str, *tensors: Tensor | None) -> bool:
+    """Whether an operator with this ``backend`` setting runs the numba kernel on ``tensors``.
+
+    Args:
+        backend: ``"torch"`` (never), ``"numba"`` (always; raises where it cannot) or
+            ``"auto"`` (where :func:`unsupported` finds nothing against it).
+        *tensors: the operator's tensor inputs (``None`` entries are skipped).
+
+    Raises:
+        ValueError: unknown ``backend``, or ``"numba"`` for tensors it cannot take.
+    """
+    if backend == "torch":
+        return False
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    reason = unsupported(*tensors)
+    if reason is not None and backend == "numba":
+        raise ValueError(f"backend='numba' {reason}")
+    return reason is None
+
+
+def warm_up(background: bool = False) -> threading.Thread | None:
+    """Import numba and load (or, the first time on a machine, compile) every kernel now.
+
+    A tiny solve on the kernels; the first real solve then starts at once. In a background
+    thread it overlaps with whatever the caller does next (reading images, features); kernels
+    and compilation are serialised, so a solve that starts meanwhile is merely delayed.
+
+    Args:
+        background: run in a daemon thread and return it (``None`` without numba).
+
+    Returns:
+        The thread when ``background``, else ``None``.
+    """
+    if not numba_available():
+        return None
+    if background:
+        thread = threading.Thread(target=warm_up, name="voxelopt-kernels", daemon=True)
+        thread.start()
+        return thread
+    from voxelopt.pyramid import VoxelOpt
+
+    fixed = torch.rand(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        VoxelOpt(levels=2, backend="numba")(fixed, fixed.flip(2))
+    return None
+
+
+def _array(t: Tensor):
+    """The numpy view of a float32 CPU tensor (a contiguous copy only when it is strided)."""
+    return t.detach().contiguous().numpy()
+
+
+#: One kernel at a time per process: each uses every thread already, and numba's workqueue
+#: threading layer (see ``_runtime``) must not be entered from two threads at once.
+_LOCK = threading.Lock()
+
+
+def _call(module: str, kernel: str, *args):
+    """``voxelopt.kernels._<module>.<kernel>(*args)`` on as many threads as torch uses.
+
+    The first call imports numba and the kernel module, and loads (or, on a machine without
+    numba's cache of it, compiles) the kernel.
+    """
+    with _LOCK:
+        runtime = importlib.import_module("voxelopt.kernels._runtime")
+        runtime.set_threads()
+        return getattr(importlib.import_module(f"voxelopt.kernels._{module}"), kernel)(*args)
+
+
+def cost_volume(fixed: Tensor, moving: Tensor, kernel_size: int) -> Tensor:
+    """:func:`voxelopt.cost.cost_volume` in one pass: ``(B, C, D, H, W)`` twice ->
+    ``(B, (2k+1)^3, D, H, W)``."""
+    return _cost_volume(fixed, moving, kernel_size, None)[0]
+
+
+def cost_and_entropy(
+    fixed: Tensor, moving: Tensor, kernel_size: int, beta: float, prob_floor: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`cost_volume` and :func:`displacement_entropy` of it in one pass: the entropy
+    of a plane is taken while its costs are still in cache.
+
+    Returns:
+        ``(cost, entropy)``: ``(B, K, D, H, W)`` and ``(B, 1, D, H, W)``.
+    """
+    return _cost_volume(fixed, moving, kernel_size, (beta, prob_floor))
+
+
+def _cost_volume(fixed, moving, kernel_size, entropy_args) -> tuple[Tensor, Tensor | None]:
+    from voxelopt.cost import search_offsets
+
+    offsets = search_offsets(kernel_size).long()
+    b, c = fixed.shape[:2]
+    out = fixed.new_empty((b, offsets.shape[0], *fixed.shape[2:]))
+    entropy, scale, floor = None, _f32(1.0), _f32(0.5)
+    target = np.zeros((0, 0), dtype=np.float32)
+    if entropy_args is not None:
+        entropy = fixed.new_empty((b, 1, *fixed.shape[2:]))
+        scale, floor = _f32(-1.0 / entropy_args[0]), _f32(entropy_args[1])
+        target = entropy.numpy().reshape(b, -1)
+    arrays = _array(fixed), _array(moving), offsets.numpy()
+    _call("cost", "cost_volume", *arrays, _f32(1.0 / c), out.numpy(), scale, floor, target)
+    return out, entropy
+
+
+def displacement_entropy(cost: Tensor, beta: float, prob_floor: float) -> Tensor:
+    """:func:`voxelopt.entropy.displacement_entropy`: ``(B, K, D, H, W)`` ->
+    ``(B, 1, D, H, W)`` nats."""
+    b, k = cost.shape[:2]
+    out = cost.new_empty((b, 1, *cost.shape[2:]))
+    source = _array(cost).reshape(b, k, -1)
+    scale, floor = _f32(-1.0 / beta), _f32(prob_floor)
+    _call("entropy", "entropy", source, scale, floor, out.numpy().reshape(b, -1))
+    return out
+
+
+def sigma_and_weight(
+    entropy: Tensor, mode: str, sigma_low: float, sigma_high: float, alpha: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`voxelopt.entropy.sigma_map` and :func:`voxelopt.filtering.side_weight` of it.
+
+    Returns:
+        ``(sigma, weight)``, both ``(B, 1, D, H, W)``.
+    """
+    if mode not in ("reference", "paper"):
+        raise ValueError(f"mode must be 'reference' or 'paper', got {mode!r}")
+    b = entropy.shape[0]
+    values = _array(entropy).reshape(b, -1)
+    blocks = -(-values.shape[1] // _ENTROPY_BLOCK)
+    low = torch.empty((b, blocks))
+    high = torch.empty((b, blocks))
+    _call("entropy", "extremes", values, low.numpy(), high.numpy())
+    sigma = torch.empty_like(entropy, memory_format=torch.contiguous_format)
+    weight = torch.empty_like(sigma)
+    _call(
+        "entropy",
+        "sigma_weight",
+        values,
+        low.amin(dim=1).numpy(),
+        high.amax(dim=1).numpy(),
+        mode == "paper",
+        _f32(sigma_low),
+        _f32(sigma_high - sigma_low),
+        _f32(alpha),
+        sigma.numpy().reshape(b, -1),
+        weight.numpy().reshape(b, -1),
+    )
+    return sigma, weight
+
+
+def smooth(
+    x: Tensor,
+    weight: Tensor | float,
+    iterations: int,
+    inplace: bool = False,
+    out: Tensor | None = None,
+) -> Tensor | None:
+    """:func:`voxelopt.filtering.smooth` (graph-free path) in one sweep, bit for bit.
+
+    Args:
+        x: ``(B, C, D, H, W)``.
+        weight: side weight in ``[0, 0.5)`` (a Gaussian's is below 1/3), a float or a
+            ``(B or 1, 1, D, H, W)`` map.
+        iterations: number of smoothings.
+        inplace: allow writing the result into ``x``. Done for many channels (a
+            contiguous cost volume); a displacement field gets a new tensor.
+        out: a contiguous float32 tensor of ``x``'s shape, not overlapping it, for the result
+            (instead of a new one); ignored when the result goes into ``x``.
+
+    Returns:
+        ``(B, C, D, H, W)`` smoothed, or ``None`` (nothing done) for a weight outside
+        ``[0, 0.5)``, which the kernel's rounding of ``lerp`` does not cover.
+    """
+    if iterations == 0:
+        return x
+    b, c, d = x.shape[:3]
+    shape = (b, 1, *x.shape[2:])
+    if isinstance(weight, Tensor):
+        weight = _array(weight.expand(shape))
+        if not _call("smooth", "weights_in_range", weight):
+            return None
+    elif 0.0 <= weight < 0.5:
+        weight = torch.full(shape, weight, dtype=x.dtype).numpy()
+    else:
+        return None
+    # work items are channels, or for few channels (displacement fields) slabs of them, so
+    # that every thread gets two or more
+    threads = torch.get_num_threads()
+    slabs = max(1, min(-(-2 * threads // (b * c)), d // (2 * iterations)))
+    if slabs == 1 and inplace and x.is_contiguous():
+        out = x  # in place: the kernel copies each plane before it overwrites it
+    elif out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _call("smooth", "smooth", _array(x), out.numpy(), weight, iterations, slabs)
+    return out
+
+
+def hard_argmin(
+    cost: Tensor,
+    offsets: Tensor,
+    u: Tensor | None = None,
+    gamma: float = 0.0,
+    exact_if_negative: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
+    """:func:`voxelopt.solver.hard_argmin` in one pass, with the same tie-breaking.
+
+    Args:
+        cost: ``(B, K, D, H, W)`` cost.
+        offsets: ``(K, 3)`` offsets in voxels.
+        u: ``(B, 3, D, H, W)`` current field, or ``None`` for the plain argmin.
+        gamma: coupling weight (ignored without ``u``).
+        exact_if_negative: for the plain argmin of a cost with a negative entry, take the
+            first exact minimum (as :func:`voxelopt.solver.offset_argmin` does).
+        out: a contiguous float32 ``(B, 3, D, H, W)`` tensor for the result, not overlapping
+            ``u`` (default: a new one).
+
+    Returns:
+        ``(B, 3, D, H, W)`` float32 offsets (``out`` when given).
+    """
+    b, k = cost.shape[:2]
+    coupled = u is not None and gamma != 0.0
+    mask = (1 << (k - 1).bit_length()) - 1 if k <= 32 else 0
+    field = _array(u) if coupled else _array(cost.new_zeros((1, 3, 1, 1, 1)))
+    if out is None:
+        out = cost.new_empty((b, 3, *cost.shape[2:]))
+    source, table = _array(cost), _array(offsets.to(torch.float32))
+    negative = torch.zeros(b * cost.shape[2], dtype=torch.uint8)
+    args = (source, field, _f32(gamma), coupled, table)
+    _call("argmin", "hard_argmin", *args, mask, out.numpy(), negative.numpy())
+    if mask and exact_if_negative and not coupled and bool(negative.any()):
+        _call("argmin", "hard_argmin", *args, 0, out.numpy(), negative.numpy())
+    return out
+
+
+def warp(image: Tensor, disp: Tensor, padding_mode: str = "zeros") -> Tensor:
+    """Trilinear :func:`voxelopt.transform.warp` (zero or border padding) in one pass.
+
+    Args:
+        image: ``(B or 1, C, D, H, W)``.
+        disp: ``(B, 3, D, H, W)`` in voxels.
+        padding_mode: ``"zeros"`` or ``"border"``.
+
+    Returns:
+        ``(B, C, D, H, W)``: ``image(x + disp(x))``.
+    """
+    out = image.new_empty((disp.shape[0], image.shape[1], *disp.shape[2:]))
+    arrays = _array(image), _array(disp), _scales(disp)
+    _call("warp", "sample", *arrays, _border(padding_mode), False, out.numpy())
+    return out
+
+
+def compose(first: Tensor, second: Tensor, padding_mode: str = "border") -> Tensor:
+    """:func:`voxelopt.transform.compose` in one pass: ``first + second(x + first(x))``."""
+    out = torch.empty_like(first, memory_format=torch.contiguous_format)
+    arrays = _array(second), _array(first), _scales(first)
+    _call("warp", "sample", *arrays, _border(padding_mode), True, out.numpy())
+    return out
+
+
+def integrate_velocity(velocity: Tensor, steps: int, padding_mode: str = "border") -> Tensor:
+    """:func:`voxelopt.transform.integrate_velocity`, one pass per squaring."""
+    phi = (velocity / (2**steps)).contiguous()
+    if steps == 0:
+        return phi
+    border, scales = _border(padding_mode), _scales(phi)
+    target = torch.empty_like(phi)
+    for _ in range(steps):
+        _call("warp", "sample", phi.numpy(), phi.numpy(), scales, border, True, target.numpy())
+        phi, target = target, phi
+    return phi
+
+
+def _border(padding_mode: str) -> bool:
+    if padding_mode not in ("zeros", "border"):
+        raise ValueError(f"padding_mode must be 'zeros' or 'border' here, got {padding_mode!r}")
+    return padding_mode == "border"
+
+
+def _scales(disp: Tensor) -> np.ndarray:
+    """Per spatial axis, ``grid_sample``'s voxel-to-normalised scale ``2 / max(n - 1, 1)``."""
+    return np.array([2.0 / max(n - 1, 1) for n in disp.shape[2:]], dtype=np.float32)
+
+
+def _f32(value: float) -> np.float32:
+    return np.float32(value)
