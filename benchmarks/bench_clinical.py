@@ -266,6 +266,11 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", type=int, nargs="+", help="run once per budget, same pair")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="put the tables into BENCHMARKS.md (between the bench_clinical markers)",
+    )
     p.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # child: the measured run
     args = p.parse_args(argv)
     if args.run is not None:
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
     if os.environ.get("VOXELOPT_SHARED"):
         args.ct = str(Path(os.environ["VOXELOPT_SHARED"]) / "data" / "chest_abdomen_ct")
     budgets = args.budgets or [args.budget]
-    results = []
+    results, blocks = [], []
     with tempfile.TemporaryDirectory(prefix="bench_clinical_") as tmp:
         info = make_pair(args, Path(tmp))
         for budget in budgets:
@@ -294,9 +299,17 @@ def main(argv=None) -> int:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             res = json.loads(out.strip().splitlines()[-1])
             results.append({"budget": budget, **res})
-            print(_table(info, res) + "\n", flush=True)
+            blocks.append(_table(info, res))
+            print(blocks[-1] + "\n", flush=True)
     if len(results) > 1:
-        print(_budget_table(results))
+        blocks.append(_budget_table(results))
+        print(blocks[-1])
+    if args.write:
+        from voxelopt.tables import write_marked_block
+
+        command = "python benchmarks/bench_clinical.py " + " ".join(sys.argv[1:])
+        text = f"`OMP_NUM_THREADS={args.threads} {command.strip()}`\n\n" + "\n\n".join(blocks)
+        write_marked_block(ROOT / "BENCHMARKS.md", "bench_clinical", text)
     if args.json:
         args.json.write_text(json.dumps({"pair": info, "runs": results}, indent=2))
     return 0
