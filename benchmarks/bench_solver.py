@@ -1,13 +1,19 @@
 """Time and peak memory of the VoxelOpt solver; writes the table into BENCHMARKS.md.
 
 Each configuration runs in a fresh subprocess (so peak resident memory is its own): random
-features of the given size, one warm-up, then the median of ``--repeats`` timed runs under
-``torch.inference_mode()`` with ``torch.set_num_threads(--threads)``.
+features of the given size, one warm-up (its time is the "first call": numba's cache load, or
+its compilation on a machine that has none yet), then the median of ``--repeats`` timed runs
+under ``torch.inference_mode()`` with ``torch.set_num_threads(--threads)``. With ``--rounds``
+the whole list of configurations is run that many times, interleaved (round 1 of every
+configuration, then round 2, ...), so that the load of a shared machine falls on all of them
+alike; the table gives the median of the rounds' medians, and the ``vs torch`` column the
+ratio of the torch backend's median to each row's, taken round by round.
 
 Usage:
     python benchmarks/bench_solver.py                      # full table, updates BENCHMARKS.md
     python benchmarks/bench_solver.py --sizes 96x80x128 --channels 8 --no-write
     python benchmarks/bench_solver.py --allocator keep   # only with keep_freed_memory()
+    python benchmarks/bench_solver.py --backend torch numba --rounds 3   # side by side
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import argparse
 import itertools
 import json
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -25,14 +30,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MARK_BEGIN = "<!-- bench_solver:begin -->"
-MARK_END = "<!-- bench_solver:end -->"
 # The reference implementation on this machine kind (2 CPU cores), from the issue.
 REFERENCE_S = {"96x80x128": 12.4, "192x160x256": 138.0}
 REFERENCE_PEAK_GB = {"96x80x128": 1.5}
 
 
-def _child(size: str, channels: int, repeats: int, threads: int, config: str, keep: bool) -> None:
+def _child(
+    size: str, channels: int, repeats: int, threads: int, config: str, keep: bool, backend: str
+) -> None:
     import torch
 
     from voxelopt import VoxelOpt, VoxelOptConfig
@@ -45,30 +50,36 @@ def _child(size: str, channels: int, repeats: int, threads: int, config: str, ke
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand(1, channels, *shape, generator=g)
     moving = torch.rand(1, channels, *shape, generator=g)
-    solver = VoxelOpt(VoxelOptConfig(**json.loads(config)))
+    solver = VoxelOpt(VoxelOptConfig(**{**json.loads(config), "backend": backend}))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GB (ru_maxrss: KiB)
     times = []
     with torch.inference_mode():
+        start = time.perf_counter()
         solver(fixed, moving)  # warm-up
+        first = time.perf_counter() - start
         for _ in range(repeats):
             start = time.perf_counter()
             solver(fixed, moving)
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(
-        json.dumps(
-            {
-                "median_s": statistics.median(times),
-                "times": times,
-                "peak_gb": peak,
-                "inputs_gb": base_rss,
-            }
-        )
-    )
+    result = {
+        "median_s": statistics.median(times),
+        "times": times,
+        "peak_gb": peak,
+        "inputs_gb": base_rss,
+        "first_s": first,
+    }
+    print(json.dumps(result))
 
 
 def run_case(
-    size: str, channels: int, repeats: int, threads: int, config: str, keep: bool = False
+    size: str,
+    channels: int,
+    repeats: int,
+    threads: int,
+    config: str,
+    keep: bool = False,
+    backend: str = "auto",
 ) -> dict:
     cmd = [
         sys.executable,
@@ -80,22 +91,13 @@ def run_case(
         str(threads),
         config,
         str(int(keep)),
+        backend,
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(
-            sys.argv[2],
-            int(sys.argv[3]),
-            int(sys.argv[4]),
-            int(sys.argv[5]),
-            sys.argv[6],
-            sys.argv[7] == "1",
-        )
-        return
+def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["96x80x128", "192x160x256"])
     p.add_argument("--channels", nargs="+", type=int, default=[1, 8, 12])
@@ -110,46 +112,89 @@ def main() -> None:
         default=["default", "keep"],
         help="malloc policy: as is, and/or voxelopt.allocator.keep_freed_memory()",
     )
-    args = p.parse_args()
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        choices=["auto", "torch", "numba"],
+        default=["auto"],
+        help="VoxelOptConfig.backend: the torch operators and/or the fused numba kernels",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every configuration this often, interleaved"
+    )
+    return p.parse_args()
 
-    rows = []
-    for size in args.sizes:
-        for c, allocator in itertools.product(args.channels, args.allocator):
-            r = run_case(size, c, args.repeats, args.threads, args.config, allocator == "keep")
-            ref = REFERENCE_S.get(size)
-            ratio = f"{ref / r['median_s']:.1f}x" if ref else "-"
-            ref_mem = REFERENCE_PEAK_GB.get(size)
-            rows.append(
-                f"| {size} | {c} | {allocator} | {r['median_s']:.2f} | {min(r['times']):.2f} | "
-                f"{r['peak_gb']:.2f} | {r['inputs_gb']:.2f} | "
-                f"{ref if ref else '-'} | {ratio} | {ref_mem if ref_mem else '-'} |"
+
+def _row(size: str, c: int, allocator: str, backend: str, runs: list[dict], vs: str) -> str:
+    medians = [r["median_s"] for r in runs]
+    median = statistics.median(medians)
+    ref, ref_mem = REFERENCE_S.get(size), REFERENCE_PEAK_GB.get(size)
+    ratio = f"{ref / median:.1f}x" if ref else "-"
+    rounds = ", ".join(f"{m:.2f}" for m in medians)
+    return (
+        f"| {size} | {c} | {allocator} | {median:.2f} | {min(min(r['times']) for r in runs):.2f} | "
+        f"{max(r['peak_gb'] for r in runs):.2f} | {runs[0]['inputs_gb']:.2f} | "
+        f"{ref if ref else '-'} | {ratio} | {ref_mem if ref_mem else '-'} | {backend} | {vs} | "
+        f"{max(r['first_s'] for r in runs):.2f} | {rounds} |"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(
+            sys.argv[2],
+            int(sys.argv[3]),
+            int(sys.argv[4]),
+            int(sys.argv[5]),
+            sys.argv[6],
+            sys.argv[7] == "1",
+            sys.argv[8] if len(sys.argv) > 8 else "auto",
+        )
+        return
+    args = _parse()
+    cases = list(itertools.product(args.sizes, args.channels, args.allocator, args.backend))
+    runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+    for _ in range(args.rounds):
+        for case in cases:
+            size, c, allocator, backend = case
+            keep = allocator == "keep"
+            runs[case].append(
+                run_case(size, c, args.repeats, args.threads, args.config, keep, backend)
             )
-            print(rows[-1], flush=True)
+            print(f"{case}: {runs[case][-1]['median_s']:.3f} s", file=sys.stderr, flush=True)
+    rows = []
+    for case in cases:
+        size, c, allocator, backend = case
+        torch_runs = runs.get((size, c, allocator, "torch"))
+        vs = "-"
+        if torch_runs and backend != "torch":  # round by round, then the median
+            ratios = [
+                t["median_s"] / r["median_s"] for t, r in zip(torch_runs, runs[case], strict=True)
+            ]
+            vs = f"{statistics.median(ratios):.2f}x"
+        rows.append(_row(size, c, allocator, backend, runs[case], vs))
+        print(rows[-1], flush=True)
     command = "python benchmarks/bench_solver.py " + " ".join(sys.argv[1:])
     table = "\n".join(
         [
-            MARK_BEGIN,
             f"Command: `{command.strip()}`  ",
             f"Machine: {platform.machine()}, {args.threads} threads, torch "
             f"{__import__('torch').__version__}, config {args.config}, "
-            f"median of {args.repeats} after one warm-up, {time.strftime('%Y-%m-%d')}.",
+            f"median of {args.repeats} after one warm-up, {args.rounds} interleaved round(s), "
+            f"{time.strftime('%Y-%m-%d')}.",
             "",
             "| size (D x H x W) | channels | allocator | median s | best s | peak RSS GB "
-            "| RSS before solve GB | reference s | speed-up | reference peak GB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| RSS before solve GB | reference s | speed-up | reference peak GB | backend "
+            "| vs torch | first call s | round medians s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             *rows,
-            MARK_END,
         ]
     )
     if args.no_write:
         return
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if MARK_BEGIN in text:
-        text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), table, text, flags=re.S)
-    else:
-        text += "\n" + table + "\n"
-    path.write_text(text)
+    from voxelopt.tables import write_marked_block
+
+    path = write_marked_block(ROOT / "BENCHMARKS.md", "bench_solver", table, "# Benchmarks")
     print(f"updated {path}")
 
 
