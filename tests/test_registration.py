@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from voxelopt import VoxelOptRegistration, register
+from voxelopt.data import load_abdomen_ct
 from voxelopt.features import RawIntensity
 from voxelopt.metrics import dice, endpoint_error, mean_over_labels
-from voxelopt.data import load_abdomen_ct
 from voxelopt.phantom import make_pair, make_phantom
 
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from voxelopt.baselines.voxelmorph import VoxelMorph
 from voxelopt.comparison import (
     METHODS,
     Identity,
@@ -17,7 +18,6 @@ from voxelopt.comparison import (
 )
 from voxelopt.comparison.cli import main
 from voxelopt.data import make_pairs
-from voxelopt.baselines.voxelmorph import VoxelMorph
 
 TINY_PAIRS = dict(source="phantom", seeds=[0], phantom_shape=[24, 20, 28], phantom_spacing=12.0)
 TINY_VXM = dict(encoder=[4, 4], decoder=[4, 4, 4])

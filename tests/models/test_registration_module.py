@@ -15,8 +15,7 @@ from models.registration import RegistrationModule
 from voxelopt.config import VoxelOptConfig
 from voxelopt.features import FeatureHead, HeadedExtractor, RawIntensity
 from voxelopt.metrics import dice, mean_over_labels
-from voxelopt.registration import argmin_mode
-from voxelopt.registration import VoxelOptRegistration
+from voxelopt.registration import VoxelOptRegistration, argmin_mode
 from voxelopt.transform import warp
 
 
