@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from voxelopt import kernels
+from voxelopt import devices, kernels
 
 __all__ = ["displacement_entropy", "sigma_map"]
 
@@ -62,7 +62,7 @@ def _blocked_entropy(cost: Tensor, beta: float, prob_floor: float) -> Tensor:
     b, k = cost.shape[:2]
     flat = cost.reshape(b, k, -1)
     n = flat.shape[2]
-    block = min(_BLOCK, n) if cost.device.type == "cpu" else n  # blocks help CPU caches only
+    block = min(_BLOCK, n) if devices.cpu_tiling(cost) else n  # blocks help CPU caches only
     out = cost.new_empty((b, 1, n))
     buffer = cost.new_empty((2, k, block))
     for i in range(b):

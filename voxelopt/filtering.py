@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from voxelopt import kernels
+from voxelopt import devices, kernels
 
 __all__ = ["adaptive_smooth", "side_weight", "smooth"]
 
@@ -114,7 +114,7 @@ def smooth(
     double_weight = 2.0 * weight
     batch, channels = out.shape[:2]
     group = channels
-    if out.device.type == "cpu":  # a GPU gains nothing from it and pays a launch per op
+    if devices.cpu_tiling(out):  # a GPU gains nothing from it and pays a launch per op
         group = max(1, min(channels, _GROUP_ELEMENTS // out[0, 0].numel()))
     half_sum = torch.empty_like(out[:1, :group])
     for b in range(batch):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from voxelopt import kernels
+from voxelopt import devices, kernels
 from voxelopt.checks import check_displacement
 
 __all__ = [
@@ -171,7 +171,7 @@ def grid_sample_3d(image: Tensor, grid: Tensor, mode: str, padding_mode: str) ->
     """
     b, c = image.shape[:2]
     out_shape = grid.shape[1:4]
-    chunks = _cpu_chunks(b, out_shape.numel()) if image.device.type == "cpu" else 1
+    chunks = _cpu_chunks(b, out_shape.numel()) if devices.cpu_tiling(image) else 1
     if chunks == 1:
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     pieces = grid.reshape(chunks, -1, 1, 1, 3)
