@@ -12,6 +12,7 @@ import torch
 from voxelopt.baselines.ants import AntsSyN, ants_available
 from voxelopt.baselines.elastix import ElastixBSpline, elastix_available
 from voxelopt.baselines.itk_space import ItkGeometry, physical_to_voxel_displacement
+from voxelopt.features.intensity import window
 from voxelopt.metrics import dice, mean_over_labels
 from voxelopt.phantom import make_phantom
 from voxelopt.transform import warp
@@ -134,3 +135,81 @@ def test_elastix_bspline_improves_dice(translated_pair):
     assert (inner * torch.tensor(SHIFT)).min() > 0, inner  # every axis moves the right way
     before = _mean_dice(moving_lab, fixed_lab)
     assert _mean_dice(warp(moving_lab, u, "nearest"), fixed_lab) > before + 0.15
+
+
+# ------------------------------------------------------------------------------- own grid, start
+def test_ras_affine_round_trip():
+    rotated = AFFINE.copy()
+    c, s = np.cos(0.3), np.sin(0.3)
+    rotated[:3, :3] = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ AFFINE[:3, :3]
+    np.testing.assert_allclose(ItkGeometry.from_affine(rotated).ras_affine(), rotated, atol=1e-12)
+
+
+def test_moving_geometry_places_the_moving_grid():
+    model = AntsSyN(AFFINE)
+    assert model.moving_geometry() is model.geometry
+    own = AFFINE.copy()
+    own[:3, 3] += (5.0, -7.0, 3.0)
+    start = np.eye(4)
+    start[:3, 3] = (2.0, 1.0, -4.0)  # fixed world p -> moving world p + t
+    placed = model.moving_geometry(own, start).ras_affine()
+    expected = own.copy()
+    expected[:3, 3] -= (2.0, 1.0, -4.0)
+    np.testing.assert_allclose(placed, expected, atol=1e-12)
+    with pytest.raises(ValueError, match="matrix"):
+        model.moving_geometry(own, np.eye(3))
+    with pytest.raises(ValueError, match="moving_affine"):
+        model.moving_geometry(np.zeros((4, 4)))
+
+
+T_VOX = np.array([3.0, -2.0, 1.0])  # header move of the moving image (voxels)
+
+
+def _own_grid_case(translated_pair):
+    """The moving image cropped (its own grid) and its header moved by ``T_VOX`` voxels."""
+    fixed, _, moving, _ = translated_pair
+    lo = np.array([2, 1, 3])  # crop start (voxels): the crop's grid starts there
+    crop = moving[0, 0, 2:-2, 1:-2, 3:-1].double().numpy()
+    own = AFFINE.copy()
+    own[:3, 3] += AFFINE[:3, :3] @ (lo + T_VOX)
+    start = np.eye(4)
+    start[:3, 3] = AFFINE[:3, :3] @ T_VOX  # undoes the header move
+    return fixed[0, 0].double().numpy(), crop, own, start
+
+
+def _windowed(model, hu: np.ndarray) -> np.ndarray:
+    return window(torch.from_numpy(hu), *model.window).numpy()
+
+
+def _check_total(u, shape, atol):
+    """Total displacement against the moved header: SHIFT plus the header's move."""
+    assert u.shape == (1, 3, *shape) and u.dtype == torch.float32
+    inner = u[..., 6:-6, 6:-6, 6:-6].flatten(2).median(-1).values.flatten()
+    expected = torch.tensor(SHIFT) + torch.from_numpy(T_VOX).float()
+    assert torch.allclose(inner, expected, atol=atol), (inner, expected)
+
+
+@pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install voxelopt[peers])")
+@pytest.mark.parametrize("with_start", [False, True], ids=["own_start", "given_start"])
+def test_ants_moving_on_its_own_grid(translated_pair, with_start):
+    fixed, crop, own, start = _own_grid_case(translated_pair)
+    model = AntsSyN(AFFINE, "Translation", threads=1)
+    u = model.register_arrays(
+        _windowed(model, fixed),
+        _windowed(model, crop),
+        moving_affine=own,
+        matrix=start if with_start else None,
+    )
+    _check_total(u, fixed.shape, atol=0.3)
+
+
+@pytest.mark.skipif(
+    not HAS_ELASTIX, reason="itk-elastix is not installed (pip install voxelopt[peers])"
+)
+def test_elastix_moving_on_its_own_grid_from_a_start(translated_pair):
+    fixed, crop, own, start = _own_grid_case(translated_pair)
+    model = ElastixBSpline(AFFINE, ("translation",), iterations=100, threads=1)
+    u = model.register_arrays(
+        _windowed(model, fixed), _windowed(model, crop), moving_affine=own, matrix=start
+    )
+    _check_total(u, fixed.shape, atol=0.3)

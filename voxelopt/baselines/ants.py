@@ -97,8 +97,8 @@ class AntsSyN(ArrayPeer):
         self.window = (float(window_low), float(window_high))
         self.registration_kwargs = dict(registration_kwargs)
 
-    def _image(self, ants, array: np.ndarray):
-        g = self.geometry
+    def _image(self, ants, array: np.ndarray, geometry: ItkGeometry | None = None):
+        g = self.geometry if geometry is None else geometry
         return ants.from_numpy(
             np.ascontiguousarray(array, dtype=np.float32),
             origin=tuple(float(v) for v in g.origin),
@@ -106,14 +106,18 @@ class AntsSyN(ArrayPeer):
             direction=g.direction.copy(),
         )
 
-    def register_arrays(self, fixed: np.ndarray, moving: np.ndarray) -> Tensor:
-        """Register two ``(D, H, W)`` arrays (already windowed) on the fixed grid.
-
-        Returns:
-            ``(1, 3, D, H, W)`` float32 displacement in voxels of the fixed grid.
-        """
+    def register_arrays(
+        self, fixed: np.ndarray, moving: np.ndarray, moving_affine=None, matrix=None
+    ) -> Tensor:
+        """:meth:`ArrayPeer.register_arrays`; with a start ``matrix`` ANTs starts from the
+        identity there instead of its centre-of-mass initialisation (unless
+        ``initial_transform`` was given)."""
         ants = _import_ants()
-        fixed_img, moving_img = self._image(ants, fixed), self._image(ants, moving)
+        placed = self.moving_geometry(moving_affine, matrix)
+        fixed_img, moving_img = self._image(ants, fixed), self._image(ants, moving, placed)
+        kwargs = dict(self.registration_kwargs)
+        if matrix is not None:
+            kwargs.setdefault("initial_transform", ["Identity"])
         with (
             tempfile.TemporaryDirectory(prefix="voxelopt_ants_") as tmp,
             _itk_threads(self.threads),
@@ -123,7 +127,7 @@ class AntsSyN(ArrayPeer):
                 moving_img,
                 type_of_transform=self.type_of_transform,
                 outprefix=os.path.join(tmp, "reg_"),
-                **self.registration_kwargs,
+                **kwargs,
             )
             field_path = ants.apply_transforms(
                 fixed_img,
@@ -132,4 +136,4 @@ class AntsSyN(ArrayPeer):
                 compose=os.path.join(tmp, "field_"),
             )
             field = ants.image_read(field_path).numpy()
-        return physical_to_voxel_displacement(field, self.geometry)
+        return self.with_start(physical_to_voxel_displacement(field, self.geometry), matrix)

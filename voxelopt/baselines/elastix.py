@@ -117,22 +117,22 @@ class ElastixBSpline(ArrayPeer):
             po.AddParameterMap(pmap)
         return po
 
-    def _image(self, itk, array: np.ndarray):
-        g = self.geometry
+    def _image(self, itk, array: np.ndarray, geometry: ItkGeometry | None = None):
+        g = self.geometry if geometry is None else geometry
         image = itk.image_from_array(np.ascontiguousarray(array.transpose(2, 1, 0), np.float32))
         image.SetOrigin([float(v) for v in g.origin])
         image.SetSpacing([float(v) for v in g.spacing])
         image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(g.direction)))
         return image
 
-    def register_arrays(self, fixed: np.ndarray, moving: np.ndarray) -> Tensor:
-        """Register two ``(D, H, W)`` arrays (already windowed) on the fixed grid.
-
-        Returns:
-            ``(1, 3, D, H, W)`` float32 displacement in voxels of the fixed grid.
-        """
+    def register_arrays(
+        self, fixed: np.ndarray, moving: np.ndarray, moving_affine=None, matrix=None
+    ) -> Tensor:
+        """:meth:`ArrayPeer.register_arrays`; with a start ``matrix`` elastix starts from the
+        identity there (its default maps have no automatic initialisation)."""
         itk = _import_itk()
-        fixed_img, moving_img = self._image(itk, fixed), self._image(itk, moving)
+        placed = self.moving_geometry(moving_affine, matrix)
+        fixed_img, moving_img = self._image(itk, fixed), self._image(itk, moving, placed)
         # Threads through ITK's global default: itk-elastix 0.25's ``number_of_threads``
         # argument crashed (segfault) on a 122x101x112 CT with 2 threads here.
         threader = itk.MultiThreaderBase
@@ -150,4 +150,6 @@ class ElastixBSpline(ArrayPeer):
         finally:
             threader.SetGlobalDefaultNumberOfThreads(saved)
         field = np.asarray(itk.array_from_image(field)).transpose(2, 1, 0, 3)
-        return physical_to_voxel_displacement(field, self.geometry)
+        if field.shape[:3] != fixed.shape:
+            raise ValueError(f"elastix field {field.shape[:3]} is not on the grid {fixed.shape}")
+        return self.with_start(physical_to_voxel_displacement(field, self.geometry), matrix)

@@ -73,6 +73,12 @@ class ItkGeometry:
             linear=linear,
         )
 
+    def ras_affine(self) -> np.ndarray:
+        """The ``(4, 4)`` voxel -> RAS+ mm matrix (inverse of :meth:`from_affine`)."""
+        a = np.eye(4)
+        a[:3, :3], a[:3, 3] = RAS_TO_LPS @ self.linear, RAS_TO_LPS @ self.origin
+        return a
+
     def voxel_to_physical(self, index: np.ndarray) -> np.ndarray:
         """``(..., 3)`` voxel indices -> ``(..., 3)`` LPS points (mm)."""
         return np.asarray(index, dtype=np.float64) @ self.linear.T + self.origin
@@ -113,15 +119,57 @@ def peer_available(importer) -> tuple[bool, str]:
 class ArrayPeer(nn.Module):
     """Base of the adapters that register one pair of numpy volumes at a time (ANTs, elastix).
 
-    Subclasses set ``self.window`` (HU) and implement ``register_arrays(fixed, moving)`` on
-    windowed ``(D, H, W)`` float64 arrays, returning a ``(1, 3, D, H, W)`` displacement in
+    Subclasses set ``self.window`` (HU) and ``self.geometry`` (the fixed grid's) and implement
+    :meth:`register_arrays` on windowed arrays (the moving one on the fixed grid or on its own,
+    optionally placed through a start matrix), returning a ``(1, 3, D, H, W)`` displacement in
     voxels of the fixed grid.
     """
 
     window: tuple[float, float]
+    geometry: ItkGeometry
 
-    def register_arrays(self, fixed: np.ndarray, moving: np.ndarray) -> Tensor:
+    def register_arrays(
+        self, fixed: np.ndarray, moving: np.ndarray, moving_affine=None, matrix=None
+    ) -> Tensor:
+        """Register two arrays (already windowed), the moving one on the fixed grid or its own.
+
+        Args:
+            fixed: ``(D, H, W)`` on the fixed grid.
+            moving: ``(D', H', W')``: on the fixed grid, or on ``moving_affine``'s grid.
+            moving_affine: ``(4, 4)`` voxel -> RAS+ mm matrix of ``moving`` (default: the
+                fixed grid's).
+            matrix: optional ``(4, 4)`` start (fixed world -> moving world, RAS+ mm, e.g.
+                :func:`voxelopt.affine.align_affine`'s): the moving image is placed through it
+                (:meth:`moving_geometry`).
+
+        Returns:
+            ``(1, 3, D, H, W)`` float32 displacement in voxels of the fixed grid against the
+            moving image placed by ``moving_affine`` (with ``matrix``: the total, start
+            included, :meth:`with_start`).
+        """
         raise NotImplementedError
+
+    def moving_geometry(self, moving_affine=None, matrix=None) -> ItkGeometry:
+        """Where the moving array lies: on its own grid ``moving_affine`` (default: the fixed
+        grid), moved into the fixed world by a start ``matrix`` (fixed world -> moving world,
+        RAS+ mm): voxel ``v`` at ``matrix^-1 @ moving_affine @ v``."""
+        if moving_affine is None and matrix is None:
+            return self.geometry
+        placed = self.geometry.ras_affine() if moving_affine is None else moving_affine
+        placed = check_affine(placed, "moving_affine")
+        if matrix is not None:
+            placed = np.linalg.solve(check_affine(matrix, "matrix"), placed)
+        return ItkGeometry.from_affine(placed)
+
+    def with_start(self, displacement: Tensor, matrix=None) -> Tensor:
+        """The total displacement against the moving image placed by its own grid: the field
+        found after the start ``matrix`` composed with it
+        (:func:`voxelopt.affine.compose_affine_and_field`); unchanged without one."""
+        if matrix is None:
+            return displacement
+        from voxelopt.affine import compose_affine_and_field
+
+        return compose_affine_and_field(matrix, displacement, self.geometry.ras_affine())
 
     def forward(self, fixed_hu: Tensor, moving_hu: Tensor) -> Tensor:
         """Register ``moving_hu`` to ``fixed_hu`` (each batch element separately).
