@@ -20,7 +20,8 @@ from voxelopt.cli import build_parser, main
 from voxelopt.phantom import make_pair, make_phantom
 
 SHAPE = (40, 36, 40)
-FAST = ["--levels", "3", "--features", "raw", "--quiet"]
+# the phantom pair shares one grid: most tests look at the deformable stage alone
+FAST = ["--levels", "3", "--features", "raw", "--quiet", "--affine", "none"]
 OUTPUTS = {"moved.nii.gz", "displacement.nii.gz", "report.json", "registration.png"}
 
 
@@ -89,6 +90,22 @@ class TestRegister:
         assert "nonpositive_jacobian" in m
         assert "Dice" in stdout
         assert (out / "registration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_default_prealigns_and_reports_coverage(self, pair_files, tmp_path, capsys):
+        """Without --affine the pair is pre-aligned (affine) and the report says where the
+        moving image had data."""
+        out = tmp_path / "out"
+        args = register_args(pair_files, out)
+        args = args[: args.index("--affine")]  # the default
+        assert run(args, capsys)[0] == 0
+        assert {"affine.txt", "affine.tfm"} <= {p.name for p in out.iterdir()}
+        report = json.loads((out / "report.json").read_text())
+        assert report["affine"]["mode"] == "affine"
+        coverage = report["coverage"]
+        assert coverage["field_of_view"] is True
+        assert 0.9 < coverage["share_of_working_grid"]["moving"] <= 1.0
+        assert coverage["share_of_working_grid"]["fixed"] == 1.0
+        assert coverage["masks"] == {"fixed": None, "moving": None}
 
     def test_registration_improves_overlap(self, pair_files, tmp_path, capsys):
         out = tmp_path / "out"

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from voxelopt.ct import AIR_HU
-from voxelopt.fullres import WarpJob, upsample_displacement, warp_many
+from voxelopt.fullres import WarpJob, upsample_displacement, warp_many, warp_to_fixed
 from voxelopt.grid import (
     DEFAULT_VOXEL_BUDGET,
     grid_of,
@@ -91,6 +91,8 @@ class VolumeRegistration:
         timings: seconds per stage (:data:`STAGES`); callers add ``load`` and ``write``.
         runtime_s: features plus solve, seconds.
         matrix: the world matrix the moving image was sampled through, if any.
+        coverage: share of the working grid where each image has data (``"fixed"``,
+            ``"moving"``: its field of view and mask, see :mod:`voxelopt.fov`).
     """
 
     fixed_grid: Volume
@@ -104,6 +106,7 @@ class VolumeRegistration:
     timings: dict[str, float] = field(default_factory=dict)
     runtime_s: float = 0.0
     matrix: np.ndarray | None = None
+    coverage: dict = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict:
@@ -193,7 +196,7 @@ class _Stages:
         self.emit(stage, "end", {"seconds": seconds})
 
 
-def _check_inputs(fixed, moving, fixed_labels, moving_labels) -> None:
+def _check_inputs(fixed, moving, fixed_labels, moving_labels, masks=(None, None)) -> None:
     for name, v in (("fixed", fixed), ("moving", moving)):
         if not isinstance(v, Volume):
             raise TypeError(f"{name} must be a voxelopt.io.Volume, got {type(v).__name__}")
@@ -203,6 +206,14 @@ def _check_inputs(fixed, moving, fixed_labels, moving_labels) -> None:
     if fixed_labels is not None:
         check_same_grid(fixed_labels, fixed, ("fixed_labels", "fixed"))
         check_same_grid(moving_labels, moving, ("moving_labels", "moving"))
+    named = zip(("fixed_mask", "moving_mask"), masks, (fixed, moving), strict=True)
+    for name, mask, image in named:
+        if mask is not None:
+            if not isinstance(mask, Volume):
+                raise TypeError(f"{name} must be a voxelopt.io.Volume, got {type(mask).__name__}")
+            check_same_grid(mask, image, (name, name.split("_")[0]))
+            if not np.any(mask.data):
+                raise ValueError(f"{name} is empty: it has no nonzero voxel")
 
 
 def _check_memory(fixed: Volume, moving: Volume, grid: Volume, model, labels: bool) -> None:
@@ -233,20 +244,47 @@ def _tensor(data: np.ndarray, device: torch.device, dtype=torch.float32) -> Tens
     return torch.from_numpy(np.ascontiguousarray(data)).to(device, dtype)[None, None]
 
 
-def _resample(pairs, grid: Volume, matrix, stages: _Stages) -> list[list[Volume]]:
-    """Each (fixed, moving, order, fill) pair on the working grid (moving through ``matrix``)."""
-    total = 2 * len(pairs)
-    out = []
+def _resample(fixed, moving, fixed_labels, grid, matrix, fill, stages, field_of_view):
+    """Both images and the fixed labels on the working grid (moving through ``matrix``).
+
+    Returns ``(images, fixed_labels, coverage)``: ``[fixed, moving]`` on the grid, the fixed
+    label map on it (nearest; ``None`` without labels), and the images' ``[fixed, moving]``
+    coverage maps (:func:`voxelopt.fov.sample_with_coverage`; ``None`` where an image covers
+    the grid, and always without ``field_of_view``).
+    """
+    from voxelopt.fov import sample_with_coverage
+
+    total = 2 + (fixed_labels is not None)
+    images, covered = [], [None, None]
     with stages("resample", shape=grid.shape, spacing_mm=grid.spacing, total=total) as step:
-        for fixed, moving, order, fill in pairs:
-            out.append([resample_to_grid(fixed, grid, order, fill)])
-            step(2 * len(out) - 1, total)
-            out[-1].append(resample_to_grid(moving, grid, order, fill, matrix))
-            step(2 * len(out), total)
-    return out
+        for i, (volume, m) in enumerate(((fixed, None), (moving, matrix))):
+            if field_of_view:
+                volume, covered[i] = sample_with_coverage(volume, grid, m, fill)
+            else:
+                volume = resample_to_grid(volume, grid, 1, fill, m)
+            images.append(volume)
+            step(i + 1, total)
+        if fixed_labels is not None:
+            fixed_labels = resample_to_grid(fixed_labels, grid, 0, 0)
+            step(total, total)
+    return images, fixed_labels, covered
 
 
-def _solve(model, f: Tensor, m: Tensor, stages: _Stages):
+def _masks_on_grid(
+    covered: list, user: Sequence[Volume | None], grid: Volume, matrix
+) -> list[np.ndarray | None]:
+    """``[fixed, moving]`` masks on the working grid: coverage times the user's mask (nonzero =
+    inside; the moving one through ``matrix``); ``None`` where neither restricts anything."""
+    masks = []
+    for cov, mask, m in zip(covered, user, (None, matrix), strict=True):
+        if mask is not None:
+            inside = resample_to_grid(mask, grid, 0, 0, m).data != 0
+            cov = inside.astype(np.float32) if cov is None else cov * inside
+        masks.append(cov)
+    return masks
+
+
+def _solve(model, f: Tensor, m: Tensor, masks: Sequence[Tensor | None], stages: _Stages):
     """Features, then the pyramid (per-level steps when the solver reports them)."""
     shape = tuple(f.shape[2:])
     with stages("features", shape=shape, extractor=type(model.extractor).__name__):
@@ -257,31 +295,39 @@ def _solve(model, f: Tensor, m: Tensor, stages: _Stages):
         hook = {}
         if "on_level" in inspect.signature(solve).parameters:
             hook["on_level"] = lambda done, n: step(done, n, level=n - done)  # (finished, L)
+        if any(mask is not None for mask in masks):
+            hook.update(model.solver_masks(*masks, feats[0].shape[2:]))
         result = solve(*feats, **hook)
     return result
 
 
-def _solve_and_score(model, on_grid: list, grid: Volume, device, stages: _Stages):
+def _solve_and_score(model, images: list, masks: list, labels: tuple, grid, matrix, device, stages):
     """Features, solve and scores on the working grid: ``(disp (CPU), entropy, scores, s)``.
 
-    ``on_grid[0]`` holds the images (dropped from it once solved), ``on_grid[1]`` the label
-    maps when given.
+    ``images`` holds ``[fixed, moving]`` on the grid (emptied once solved), ``masks`` their
+    masks (or ``None``), ``labels`` the fixed label map on the grid and the moving label
+    map on its own grid (or ``(None, None)``). The moving labels are sampled once, through
+    the whole map (``matrix`` and field), never resampled twice by nearest neighbour.
     """
     from voxelopt.evaluation import score_registration
 
     with torch.inference_mode():
-        f, m = (_tensor(v.data, device) for v in on_grid[0])
-        result = _solve(model, f, m, stages)
+        f, m = (_tensor(v.data, device) for v in images)
+        mask_tensors = [None if x is None else _tensor(x, device) for x in masks]
+        result = _solve(model, f, m, mask_tensors, stages)
         disp = result.displacement.float()
         entropy = result.entropy[0, 0].float().cpu().numpy()
-        del f, m, on_grid[0], result  # the levels' maps: 190 bytes per working voxel
+        del f, m, result, mask_tensors  # the levels' maps: 190 bytes per working voxel
+        images.clear()
         runtime = stages.timings["features"] + stages.timings["solve"]
         with stages("metrics", grid="working", shape=grid.shape):
-            fl = ml = None
-            if on_grid:
-                fl, ml = (_tensor(v.data, device, torch.int64)[0, 0] for v in on_grid[-1])
+            fl = moved = None
+            if labels[0] is not None:
+                fl = _tensor(labels[0].data, device, torch.int64)[0, 0]
+                moved = warp_to_fixed(labels[1], disp.cpu(), grid, grid, 0, 0, matrix)
+                moved = _tensor(moved, device, torch.int64)[0, 0]
             scores = score_registration(
-                disp, spacing=grid.spacing, fixed_labels=fl, moving_labels=ml, runtime_s=runtime
+                disp, spacing=grid.spacing, fixed_labels=fl, moved_labels=moved, runtime_s=runtime
             )
     return disp.cpu(), entropy, scores, runtime
 
@@ -297,6 +343,9 @@ def register_volumes(
     spacing: str | float = "auto",
     budget_voxels: int = DEFAULT_VOXEL_BUDGET,
     matrix: np.ndarray | None = None,
+    fixed_mask: Volume | None = None,
+    moving_mask: Volume | None = None,
+    field_of_view: bool = True,
     device: str | torch.device = "cpu",
     fill_value: float = AIR_HU,
     progress: ProgressCallback | None = None,
@@ -333,7 +382,7 @@ def register_volumes(
     """
     from voxelopt.registration import VoxelOptRegistration
 
-    _check_inputs(fixed, moving, fixed_labels, moving_labels)
+    _check_inputs(fixed, moving, fixed_labels, moving_labels, (fixed_mask, moving_mask))
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available")
@@ -345,11 +394,13 @@ def register_volumes(
     labels = fixed_labels is not None
     if memory_check:
         _check_memory(fixed, moving, grid, model, labels)
-    pairs = [(fixed, moving, 1, fill_value)]
-    if labels:
-        pairs.append((fixed_labels, moving_labels, 0, 0))
-    on_grid = _resample(pairs, grid, matrix, stages)
-    disp, entropy, scores, runtime = _solve_and_score(model, on_grid, grid, device, stages)
+    images, fixed_labels_grid, covered = _resample(
+        fixed, moving, fixed_labels, grid, matrix, fill_value, stages, field_of_view
+    )
+    masks = _masks_on_grid(covered, (fixed_mask, moving_mask), grid, matrix)
+    disp, entropy, scores, runtime = _solve_and_score(
+        model, images, masks, (fixed_labels_grid, moving_labels), grid, matrix, device, stages
+    )
     with stages("warp", shape=fixed.shape) as step:
         jobs = [WarpJob(moving, 1, fill_value)]
         if labels:
@@ -372,4 +423,8 @@ def register_volumes(
         timings=dict(stages.timings),
         runtime_s=runtime,
         matrix=None if matrix is None else np.asarray(matrix, dtype=np.float64),
+        coverage={
+            name: 1.0 if mask is None else float(mask.mean())
+            for name, mask in zip(("fixed", "moving"), masks, strict=True)
+        },
     )

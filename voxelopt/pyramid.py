@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from voxelopt.config import VoxelOptConfig
+from voxelopt.masking import check_mask, level_support
 from voxelopt.solver import LevelResult, level_backend, solve_level
 from voxelopt.transform import (
     compose,
@@ -87,6 +88,16 @@ def check_feature_pair(fixed: Tensor, moving: Tensor) -> None:
         raise ValueError(f"fixed is on {fixed.device} but moving is on {moving.device}")
 
 
+def _pyramid(volume: Tensor | None, shapes) -> list[Tensor | None]:
+    """``volume`` resized onto every level's shape (finest first); ``None`` stays ``None``."""
+    if volume is None:
+        return [None] * len(shapes)
+    out = [volume]
+    for shape in shapes[1:]:
+        out.append(resize_volume(out[-1], shape))
+    return out
+
+
 class VoxelOpt(nn.Module):
     """VoxelOpt: entropy-adaptive discrete registration on a feature pyramid.
 
@@ -117,7 +128,12 @@ class VoxelOpt(nn.Module):
         )
 
     def forward(
-        self, fixed: Tensor, moving: Tensor, on_level: Callable[[int, int], None] | None = None
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        on_level: Callable[[int, int], None] | None = None,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
     ) -> Tensor:
         """Register moving features onto fixed features.
 
@@ -127,14 +143,28 @@ class VoxelOpt(nn.Module):
             on_level: called after each pyramid level (coarsest first) with the number of
                 levels finished so far (1 .. L) and the number of levels ``L``; for progress
                 reports.
+            fixed_mask: optional ``(B, 1, D, H, W)`` in ``[0, 1]``: where the fixed image has
+                data (its field of view, a region of interest).
+            moving_mask: optional ``(B, 1, D, H, W)`` in ``[0, 1]`` on the same grid: where the
+                moving image has data (e.g. its field of view after pre-alignment); warped with
+                the moving features, and 0 wherever the field points outside the volume. Voxels
+                outside either mask carry no cost signal (see :mod:`voxelopt.masking`);
+                without masks the solver is the published one.
 
         Returns:
             ``(B, 3, D, H, W)`` displacement in voxels: ``warp(moving, u)`` matches ``fixed``.
         """
-        return self.solve(fixed, moving, on_level=on_level).displacement
+        return self.solve(
+            fixed, moving, on_level=on_level, fixed_mask=fixed_mask, moving_mask=moving_mask
+        ).displacement
 
     def solve(
-        self, fixed: Tensor, moving: Tensor, on_level: Callable[[int, int], None] | None = None
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        on_level: Callable[[int, int], None] | None = None,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
     ) -> VoxelOptResult:
         """Like :meth:`forward`, also returning each level's entropy and sigma maps."""
         check_feature_pair(fixed, moving)
@@ -144,6 +174,8 @@ class VoxelOpt(nn.Module):
         if cfg.precision != "auto":
             dtype = getattr(torch, cfg.precision)
             fixed, moving = fixed.to(dtype), moving.to(dtype)
+        fixed_mask = check_mask(fixed_mask, fixed, "fixed_mask")
+        moving_mask = check_mask(moving_mask, moving, "moving_mask")
         shapes = pyramid_shapes(fixed.shape[2:], cfg.levels)
         if min(shapes[-1]) < MIN_COARSE_SIZE:
             usable = max(
@@ -157,20 +189,22 @@ class VoxelOpt(nn.Module):
                 f"axis: use levels <= {usable}",
                 stacklevel=2,
             )
-        fixed_pyramid, moving_pyramid = [fixed], [moving]
-        for shape in shapes[1:]:
-            fixed_pyramid.append(resize_volume(fixed_pyramid[-1], shape))
-            moving_pyramid.append(resize_volume(moving_pyramid[-1], shape))
+        fixed_pyramid, moving_pyramid = _pyramid(fixed, shapes), _pyramid(moving, shapes)
+        fixed_masks, moving_masks = _pyramid(fixed_mask, shapes), _pyramid(moving_mask, shapes)
 
         levels: list[LevelResult] = []
         phi: Tensor | None = None
         backend = level_backend(cfg, fixed, moving)  # "numba": the fused CPU kernels
         for level in reversed(range(cfg.levels)):
             fixed_l, moving_l = fixed_pyramid[level], moving_pyramid[level]
+            moving_mask_l = moving_masks[level]
             if phi is not None:
                 phi = resize_displacement(phi, shapes[level])
                 moving_l = warp(moving_l, phi, padding_mode=cfg.feature_padding, backend=backend)
-            result = solve_level(fixed_l, moving_l, cfg)
+                if moving_mask_l is not None:  # 0 where the field leaves the moving volume
+                    moving_mask_l = warp(moving_mask_l, phi, padding_mode="zeros", backend=backend)
+            support = level_support(fixed_masks[level], moving_mask_l, cfg.kernel_size)
+            result = solve_level(fixed_l, moving_l, cfg, support)
             residual = integrate_velocity(
                 result.velocity, cfg.integration_steps, cfg.field_padding, backend=backend
             )

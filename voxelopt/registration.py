@@ -29,6 +29,7 @@ from voxelopt.checks import as_volume_tensor, check_image_pair
 from voxelopt.config import VoxelOptConfig
 from voxelopt.evaluation import PairScores
 from voxelopt.features import CachedExtractor, FeatureExtractor, build_extractor
+from voxelopt.masking import erode
 from voxelopt.pyramid import VoxelOpt, VoxelOptResult
 from voxelopt.transform import resize_displacement, resize_volume
 
@@ -172,23 +173,69 @@ class VoxelOptRegistration(nn.Module):
         """Whether the extractor has parameters to train (then its output is never cached)."""
         return any(p.requires_grad for p in self.extractor.parameters())
 
+    def solver_masks(
+        self, fixed_mask: Tensor | None, moving_mask: Tensor | None, shape: Sequence[int]
+    ) -> dict[str, Tensor]:
+        """Image-grid masks as the solver takes them: eroded by the extractor's
+        ``context_voxels`` (features that see beyond the data are not trusted) and resized to
+        the solver's grid ``shape``.
+
+        Args:
+            fixed_mask: ``(B, 1, D, H, W)`` in ``[0, 1]`` on the image grid (1 = data), or ``None``.
+            moving_mask: the same for the moving image (on the same grid), or ``None``.
+            shape: the solver's ``(D', H', W')``.
+
+        Returns:
+            ``{"fixed_mask": ..., "moving_mask": ...}`` holding the masks that were given.
+        """
+        out = {}
+        for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+            if mask is not None:
+                if not isinstance(mask, Tensor) or mask.dim() != 5:
+                    raise ValueError(f"{name} must be a (B, 1, D, H, W) tensor")
+                mask = erode(mask.float(), int(self.extractor.context_voxels))
+                out[name] = resize_volume(mask, shape)
+        return out
+
     def solve(
-        self, fixed_hu: Tensor, moving_hu: Tensor, fixed_key: Hashable | None = None
+        self,
+        fixed_hu: Tensor,
+        moving_hu: Tensor,
+        fixed_key: Hashable | None = None,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
     ) -> VoxelOptResult:
         """Register and also return the solver's per-level entropy and sigma maps.
 
-        The displacement is on the image grid; the maps stay on the solver's grids.
+        The displacement is on the image grid; the maps stay on the solver's grids. Masks:
+        see :meth:`forward`.
         """
         fixed, moving = self.features(fixed_hu, moving_hu, fixed_key)
-        result = self.solver.solve(fixed, moving)
+        masks = self.solver_masks(fixed_mask, moving_mask, fixed.shape[2:])
+        result = self.solver.solve(fixed, moving, **masks)
         result.displacement = resize_displacement(result.displacement, fixed_hu.shape[2:])
         return result
 
     def forward(
-        self, fixed_hu: Tensor, moving_hu: Tensor, fixed_key: Hashable | None = None
+        self,
+        fixed_hu: Tensor,
+        moving_hu: Tensor,
+        fixed_key: Hashable | None = None,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
     ) -> Tensor:
-        """Displacement ``(B, 3, D, H, W)`` in voxels with ``warp(moving_hu, u) ~ fixed_hu``."""
-        return self.solve(fixed_hu, moving_hu, fixed_key).displacement
+        """Displacement ``(B, 3, D, H, W)`` in voxels with ``warp(moving_hu, u) ~ fixed_hu``.
+
+        Args:
+            fixed_hu: ``(B, 1, D, H, W)`` fixed CT in HU.
+            moving_hu: ``(B, 1, D, H, W)`` moving CT in HU on the same grid.
+            fixed_key: identity of the fixed image for ``cache_fixed``.
+            fixed_mask: optional ``(B, 1, D, H, W)`` in ``[0, 1]``: where the fixed image has data.
+            moving_mask: optional, the same for the moving image (e.g. its field of view after
+                pre-alignment, :func:`voxelopt.fov.coverage`). Voxels outside either carry no
+                cost signal (:mod:`voxelopt.masking`).
+        """
+        return self.solve(fixed_hu, moving_hu, fixed_key, fixed_mask, moving_mask).displacement
 
 
 def _digest(image: Tensor) -> tuple:

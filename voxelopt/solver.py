@@ -23,6 +23,7 @@ from voxelopt.config import VoxelOptConfig
 from voxelopt.cost import cost_volume, search_offsets
 from voxelopt.entropy import displacement_entropy, sigma_map
 from voxelopt.filtering import side_weight, smooth
+from voxelopt.masking import Smoothing, Support
 
 __all__ = ["LevelResult", "hard_argmin", "level_backend", "offset_argmin", "solve_level"]
 
@@ -205,13 +206,17 @@ def hard_argmin(
     return _gather_offsets(index.view(b, *cost.shape[2:]), o.to(out_dtype))
 
 
-def solve_level(fixed: Tensor, moving: Tensor, config: VoxelOptConfig) -> LevelResult:
+def solve_level(
+    fixed: Tensor, moving: Tensor, config: VoxelOptConfig, support: Support | None = None
+) -> LevelResult:
     """Solve one level on features already brought onto the same grid.
 
     Args:
         fixed: ``(B, C, D, H, W)`` fixed features.
         moving: ``(B, C, D, H, W)`` moving features (warped by the coarser levels' field).
         config: the solver configuration.
+        support: the level's informative voxels (:mod:`voxelopt.masking`), or ``None`` when
+            both images have data everywhere (the published method).
 
     Returns:
         :class:`LevelResult` with the level's velocity ``u`` (voxels of this level).
@@ -225,38 +230,67 @@ def solve_level(fixed: Tensor, moving: Tensor, config: VoxelOptConfig) -> LevelR
     else:
         cost = cost_volume(fixed, moving, config.kernel_size)
         entropy = displacement_entropy(cost, config.beta, config.prob_floor)
-    sigma, weight = _blur(entropy, config, backend)
+    normalised = None
+    if support is not None:
+        entropy, for_sigma = support.entropy_maps(entropy, offsets.shape[0])
+        cost = support.flatten_cost(cost)
+        sigma, weight = _blur(for_sigma, config, backend)
+        normalised = support.smoothing(
+            lambda m: smooth(m, weight, config.smoothing_iterations, inplace=True, backend=backend)
+        )
+    else:
+        sigma, weight = _blur(entropy, config, backend)
     iterations = config.smoothing_iterations
 
-    if config.prefilter_cost:
+    def smoothed(v: Tensor) -> Tensor:
+        if normalised is None:
+            return smooth(v, weight, iterations, inplace=True, backend=backend)
+        v = smooth(normalised.before(v), weight, iterations, inplace=True, backend=backend)
+        return normalised.after_field(v)
+
+    if config.prefilter_cost:  # a flattened cost is already w C: S(w C) needs no product
         cost = smooth(cost, weight, iterations, inplace=True, backend=backend)
+        if normalised is not None:
+            cost = normalised.after_cost(cost)
     if backend == "numba":
-        return LevelResult(_kernel_rounds(cost, offsets, weight, config), entropy, sigma)
+        u = _kernel_rounds(cost, offsets, weight, config, normalised)
+        return LevelResult(u, entropy, sigma)
 
     def argmin(c: Tensor) -> Tensor:
         return offset_argmin(c, offsets, config.argmin, config.temperature, backend=backend)
 
-    u = smooth(argmin(cost), weight, iterations, inplace=True, backend=backend)
+    u = smoothed(argmin(cost))
     for gamma in config.gammas:
         if config.argmin == "hard":
             v = hard_argmin(cost, offsets, u, gamma, backend=backend)
         else:
             v = argmin(_coupled_cost(cost, u, offsets, gamma))
-        u = smooth(v, weight, iterations, inplace=True, backend=backend)
+        u = smoothed(v)
     return LevelResult(velocity=u, entropy=entropy, sigma=sigma)
 
 
-def _kernel_rounds(cost: Tensor, offsets: Tensor, weight: Tensor, config: VoxelOptConfig) -> Tensor:
+def _kernel_rounds(
+    cost: Tensor,
+    offsets: Tensor,
+    weight: Tensor,
+    config: VoxelOptConfig,
+    normalised: Smoothing | None = None,
+) -> Tensor:
     """The argmin and smoothing rounds of :func:`solve_level` on the numba kernels, with two
     field buffers for all of them (a round's argmin no longer needs the previous ``u`` once
     it has read it) instead of two new fields per round."""
     iterations = config.smoothing_iterations
 
     def smoothed(v: Tensor, out: Tensor | None) -> Tensor:
+        if normalised is not None:
+            v = normalised.before(v)
         if iterations == 0:
-            return v.clone()
-        result = kernels.smooth(v, weight, iterations, out=out)
-        return result if result is not None else smooth(v, weight, iterations, backend="numba")
+            result = v.clone()
+        else:
+            result = kernels.smooth(v, weight, iterations, out=out)
+            if result is None:
+                result = smooth(v, weight, iterations, backend="numba")
+        return result if normalised is None else normalised.after_field(result)
 
     v = kernels.hard_argmin(cost, offsets, exact_if_negative=True)
     u = smoothed(v, None)

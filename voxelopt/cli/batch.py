@@ -130,6 +130,7 @@ class _PairRunner:
             model=self.model,
             spacing=args.spacing,
             matrix=None if aligned is None else aligned.matrix,
+            field_of_view=not args.no_fov,
             device=args.device,
             memory_check=True,
         )

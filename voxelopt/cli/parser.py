@@ -88,7 +88,7 @@ def available_cores() -> int:
     return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
-def _add_feature_options(g) -> None:
+def _add_feature_options(g, affine: str) -> None:
     g.add_argument(
         "--features",
         default="mind",
@@ -111,11 +111,17 @@ def _add_feature_options(g) -> None:
     g.add_argument(
         "--affine",
         choices=["none", "rigid", "affine"],
-        default="none",
-        help="pre-alignment before the deformable stage (default: none; use affine for two "
-        "patients or scans that do not overlap in world space); register and demo "
-        "write it as affine.txt (4x4 world matrix, RAS+ mm) and affine.tfm (ITK), "
-        "register-batch folds it into each field",
+        default=affine,
+        help=f"pre-alignment before the deformable stage (default: {affine}; none keeps the "
+        "headers' alignment); register and demo write it as affine.txt (4x4 world matrix, "
+        "RAS+ mm) and affine.tfm (ITK), register-batch folds it into each field",
+    )
+    g.add_argument(
+        "--no-fov",
+        action="store_true",
+        help="let every working voxel count, also where the moving image has no data "
+        "(outside its field of view after pre-alignment, or in constant edge slabs): the "
+        "published behaviour; by default such voxels carry no cost signal",
     )
 
 
@@ -138,9 +144,11 @@ def _add_export(g) -> None:
     )
 
 
-def _add_solver_options(p: argparse.ArgumentParser, export: bool = True) -> None:
+def _add_solver_options(
+    p: argparse.ArgumentParser, export: bool = True, affine: str = "affine"
+) -> None:
     g = p.add_argument_group("features and solver")
-    _add_feature_options(g)
+    _add_feature_options(g, affine)
     if export:
         _add_export(g)
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -189,6 +197,12 @@ def _add_register(sub) -> None:
     reg.add_argument("--out-dir", type=Path, required=True)
     reg.add_argument("--fixed-labels", type=Path, help="label map of --fixed (for Dice, HD95)")
     reg.add_argument("--moving-labels", type=Path, help="label map of --moving (warped)")
+    reg.add_argument(
+        "--fixed-mask",
+        type=Path,
+        help="mask on --fixed's grid (nonzero = use): voxels outside carry no cost signal",
+    )
+    reg.add_argument("--moving-mask", type=Path, help="mask on --moving's grid, likewise")
     _add_solver_options(reg)
 
 
@@ -210,7 +224,7 @@ def _add_demo(sub) -> None:
         "instead of the phantom",
     )
     demo.add_argument("--ct-labels", type=Path, help="label map of --ct (scored)")
-    _add_solver_options(demo)
+    _add_solver_options(demo, affine="none")  # one scan deformed: nothing to pre-align
 
 
 def _add_batch(sub) -> None:

@@ -120,6 +120,10 @@ def load_inputs(args, progress: Progress):
         fixed, moving = load_volume(args.fixed), load_volume(args.moving)
         fixed_labels = load_labels_for(args.fixed_labels, fixed, "--fixed-labels")
         moving_labels = load_labels_for(args.moving_labels, moving, "--moving-labels")
+        for name, image in (("fixed", fixed), ("moving", moving)):  # checked as labels are
+            path = getattr(args, f"{name}_mask", None)
+            mask = load_labels_for(path, image, f"--{name}-mask", f"--{name}")
+            setattr(args, f"{name}_mask_volume", mask)
     if args.affine == "none":  # a pre-alignment searches for the overlap itself
         check_world_overlap(
             fixed.affine, fixed.shape, moving.affine, moving.shape, ("--fixed", "--moving")
@@ -228,6 +232,9 @@ def _register_into(args, out: StagedOutput, progress: Progress, shown: dict) -> 
             config=solver_config(args),
             spacing=args.spacing,
             matrix=matrix,
+            fixed_mask=getattr(args, "fixed_mask_volume", None),
+            moving_mask=getattr(args, "moving_mask_volume", None),
+            field_of_view=not args.no_fov,
             device=args.device,
             progress=progress,
         )
@@ -246,10 +253,19 @@ def _register_into(args, out: StagedOutput, progress: Progress, shown: dict) -> 
         stages_s=progress.durations,
     )
     report["affine"] = affine_info
+    report["coverage"] = {
+        "share_of_working_grid": result.coverage,
+        "masks": {k: _path_or_none(getattr(args, f"{k}_mask", None)) for k in ("fixed", "moving")},
+        "field_of_view": not args.no_fov,
+    }
     files = out.commit(report)
     progress.line(f"complete: {len(files)} files in {out.out_dir}")
     print(summary_line(result.metrics))
     return 0
+
+
+def _path_or_none(path) -> str | None:
+    return None if path is None else str(path)
 
 
 def run_register(args: argparse.Namespace, progress: Progress, guard: SignalGuard) -> int:

@@ -28,7 +28,13 @@ class FeatureExtractor(nn.Module):
         out_channels: number ``C`` of feature channels.
         pair_normalize: whether the registration jointly normalises the fixed and moving
             features afterwards (:func:`voxelopt.features.normalize_pair`).
+        context_voxels: how far (voxels of the input grid) a feature looks beyond its own
+            voxel. Where an image has no data, the features within this distance of it are
+            not trusted either (:mod:`voxelopt.fov`: the solver's masks are eroded by it).
+            Subclasses set their own; the default, 2, suits small local operators.
     """
+
+    context_voxels: int = 2
 
     def __init__(self, out_channels: int, pair_normalize: bool = False) -> None:
         super().__init__()

@@ -51,6 +51,7 @@ class CachedExtractor(FeatureExtractor):
             raise ValueError(f"max_items must be an integer >= 1, got {max_items!r}")
         super().__init__(extractor.out_channels, extractor.pair_normalize)
         self.extractor = extractor
+        self.context_voxels = extractor.context_voxels
         self.max_items = max_items
         self._store: OrderedDict[Hashable, tuple[tuple, Tensor]] = OrderedDict()
 

@@ -180,6 +180,7 @@ class CombinedExtractor(FeatureExtractor):
         scales = branch_scales(channels, weights, balance)
         super().__init__(out_channels=sum(channels), pair_normalize=False)
         self.branches = nn.ModuleList(branches)
+        self.context_voxels = max(b.context_voxels for b in branches)
         self.channels = tuple(channels)
         self.weights = tuple(float(w) for w in weights)
         self.balance = bool(balance)

@@ -92,6 +92,9 @@ class HeadedExtractor(FeatureExtractor):
         super().__init__(out_channels=head.out_channels, pair_normalize=norm)
         self.backbone = backbone.freeze()
         self.head = head
+        self.context_voxels = backbone.context_voxels + sum(
+            (m.kernel_size[0] - 1) // 2 for m in head.modules() if isinstance(m, nn.Conv3d)
+        )
 
     def extract(self, image_hu: Tensor) -> Tensor:
         """``(B, 1, D, H, W)`` HU -> ``(B, head.out_channels, D, H, W)``."""

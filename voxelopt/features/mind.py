@@ -108,6 +108,7 @@ class MindSSC(FeatureExtractor):
         if not float(low) < float(high):
             raise ValueError(f"window bounds must satisfy low < high, got low={low}, high={high}")
         self.radius, self.dilation = radius, dilation
+        self.context_voxels = radius + dilation
         self.low, self.high = float(low), float(high)
 
     def extract(self, image_hu: Tensor) -> Tensor:

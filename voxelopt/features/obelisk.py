@@ -188,6 +188,8 @@ class ObeliskFeatures(FeatureExtractor):
             raise ValueError(f"margin must lie in [0, 1), got {margin!r}")
         self.crop = crop
         self.layer = layer
+        # The network sees much of its crop; the maps are dominated by the nearest few voxels.
+        self.context_voxels = 4
         self.margin = float(margin)
         self.threshold = float(threshold)
         self.net = load_obelisk(weights)

@@ -21,6 +21,7 @@ class RawIntensity(FeatureExtractor):
 
     def __init__(self, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1]) -> None:
         super().__init__(out_channels=1, pair_normalize=False)
+        self.context_voxels = 0  # one voxel's own intensity
         if not float(low) < float(high):
             raise ValueError(f"window bounds must satisfy low < high, got low={low}, high={high}")
         self.low = float(low)

@@ -205,6 +205,7 @@ class UniversalFeatures(FeatureExtractor):
         frozen: bool = True,
     ) -> None:
         super().__init__(out_channels=8, pair_normalize=True)
+        self.context_voxels = 4  # as OBELISK: a network, dominated by its nearest voxels
         if weights is None:
             raise ValueError(
                 "weights must name a Universal Model checkpoint (its weights are not shipped)"
