@@ -18,7 +18,7 @@ Usage:
     python benchmarks/bench_process.py --rounds 5 --write   # also updates BENCHMARKS.md
     python benchmarks/bench_process.py --affine affine      # with the default pre-alignment
 
-The register runs pass ``--affine none`` (the command's default: the deformable registration
+The register runs pass ``--affine none`` (the deformable registration
 alone, as in issue 13's measurement) unless ``--affine`` says otherwise; the children inherit
 this process's environment (``OMP_NUM_THREADS`` included) and use the CPU cores available. On
 a machine shared with other work, two threads can be slower than one (each small torch

@@ -147,9 +147,7 @@ def test_pair_true_field_recovers_fixed(small_phantom):
     assert pair.fixed_labels.dtype == torch.int64
     peak_mm = (pair.true_disp.norm(dim=1).max() * 12.0).item()
     assert peak_mm == pytest.approx(24.0, rel=0.01)
-    moved_labels = warp(
-        pair.moving_labels, pair.true_disp, mode="nearest", padding_mode="border"
-    )
+    moved_labels = warp(pair.moving_labels, pair.true_disp, mode="nearest", padding_mode="border")
     assert all(v == 1.0 for v in dice(moved_labels, pair.fixed_labels).values())
     moved = warp(pair.moving_hu, pair.true_disp, padding_mode="border")
     assert torch.allclose(moved, pair.fixed_hu)

@@ -6,14 +6,12 @@ may hold empty slabs at its ends (slices of one constant value: padding, blanked
 there with an air fill, the moving image shows a box edge that the fixed image does not have,
 and the solver would stretch the moving body over it.
 
-So for each image :func:`sample_with_coverage` returns, besides the image on the working grid,
-
-* its *coverage*: 1 where the working voxel maps inside the image's data box (the box of voxel
-  centres without empty edge slabs, :func:`data_extent`), 0 elsewhere; and
-* the image itself with every uncovered voxel filled by the value at the nearest point of the
-  data box (border replication), so that the features show no artificial edge there.
-
-The solver then treats uncovered voxels as uninformative (:mod:`voxelopt.masking`).
+So for each image :func:`sample_with_coverage` returns, besides the image on the working grid
+(cut to its data box first), its *coverage*: 1 where the working voxel maps inside the image's
+data box (the box of voxel centres without empty edge slabs, :func:`data_extent`), 0
+elsewhere. The solver then treats uncovered voxels as uninformative, does not trust features
+that see across the edge, and never lets an offset reach beyond the moving data
+(:mod:`voxelopt.masking`).
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from voxelopt.grid import resample_to_grid
 from voxelopt.io import Volume
 
-__all__ = ["coverage", "data_extent", "sample_with_coverage"]
+__all__ = ["coverage", "crop_to_extent", "data_extent", "sample_with_coverage"]
 
 Extent = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -87,7 +85,11 @@ def _source_positions(vox: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
 
 
 def coverage(
-    volume: Volume, grid: Volume, matrix: np.ndarray | None = None, extent: Extent | None = None
+    volume: Volume,
+    grid: Volume,
+    matrix: np.ndarray | None = None,
+    extent: Extent | None = None,
+    margin: float = 0.0,
 ) -> np.ndarray | None:
     """Where on ``grid`` the image ``volume`` has data.
 
@@ -98,25 +100,40 @@ def coverage(
             ``matrix @ p``.
         extent: the image's data box in its own indices (default: the whole array; see
             :func:`data_extent`).
+        margin: grid voxels beyond the box that still count (0: the box itself).
 
     Returns:
         ``(D, H, W)`` float32 on ``grid``: 1 where the voxel maps into the data box (within half a
         voxel of its outermost voxel centres), 0 elsewhere; ``None`` when every voxel does.
     """
     extent = extent or tuple((0, n - 1) for n in volume.shape)
-    pos = _source_positions(_grid_to_source(volume, grid, matrix), grid.shape)
-    lo = torch.tensor([e[0] - 0.5 for e in extent], dtype=torch.float64)
-    hi = torch.tensor([e[1] + 0.5 for e in extent], dtype=torch.float64)
+    vox = _grid_to_source(volume, grid, matrix)
+    pos = _source_positions(vox, grid.shape)
+    # a grid step measured along each source axis, in source voxels
+    reach = 0.5 + margin * np.abs(vox[:3, :3]).max(axis=1)
+    lo = torch.tensor([e[0] - r for e, r in zip(extent, reach, strict=True)], dtype=torch.float64)
+    hi = torch.tensor([e[1] + r for e, r in zip(extent, reach, strict=True)], dtype=torch.float64)
     inside = ((pos >= lo) & (pos <= hi)).all(dim=-1)
     if bool(inside.all()):
         return None
     return inside.numpy().astype(np.float32)
 
 
+def crop_to_extent(volume: Volume, extent: Extent) -> Volume:
+    """``volume`` cut to ``extent`` (inclusive index ranges), its affine moved with the cut so
+    that every kept voxel stays where it was in world space (a view, no copy)."""
+    index = tuple(slice(lo, hi + 1) for lo, hi in extent)
+    affine = volume.affine.astype(np.float64).copy()
+    affine[:3, 3] += affine[:3, :3] @ np.array([lo for lo, _ in extent], dtype=np.float64)
+    return Volume(volume.data[index], affine, volume.ornt.copy(), volume.path)
+
+
 def _fill_from_border(
-    out: np.ndarray, volume: Volume, grid: Volume, matrix, extent: Extent, covered: np.ndarray
+    out: np.ndarray, volume: Volume, grid: Volume, matrix, covered: np.ndarray
 ) -> None:
-    """Overwrite ``out`` where ``covered == 0`` with ``volume`` at the nearest data-box point."""
+    """Overwrite ``out`` where ``covered == 0`` with ``volume`` at the nearest point of its box
+    (border replication)."""
+    extent = tuple((0, n - 1) for n in volume.shape)
     where = np.flatnonzero(covered.reshape(-1) < 0.5)
     if where.size == 0:
         return
@@ -145,26 +162,38 @@ def sample_with_coverage(
     grid: Volume,
     matrix: np.ndarray | None = None,
     fill_value: float = 0.0,
+    margin: float = 0.0,
 ) -> tuple[Volume, np.ndarray | None]:
     """``volume`` on ``grid`` (anti-aliased, trilinear) and where it has data there.
+
+    The volume is first cut to its data box (:func:`data_extent`), so that constant padding
+    slabs are neither blurred into the data by the anti-aliasing nor counted as data. Working
+    voxels up to ``margin`` grid voxels beyond the data box still count as covered and take
+    the value at the box's nearest point (border replication): a pre-alignment that tilts a
+    scan by a degree or two leaves such slivers, and at the coarse pyramid levels a sliver
+    on a face would otherwise make the whole face uninformative.
 
     Args:
         volume: the image (HU for a CT), RAS+.
         grid: the working grid.
         matrix: optional world matrix (see :func:`coverage`).
-        fill_value: value outside the image before border replication (air for a CT); only
-            voxels within half a voxel of the data box keep a blend with it.
+        fill_value: value beyond the margin (air for a CT).
+        margin: grid voxels beyond the data box that still count as covered.
 
     Returns:
-        ``(image, coverage)``: the image on ``grid`` with uncovered voxels filled from the data
-        box's border, and the ``(D, H, W)`` float32 coverage (``None`` when the image covers
-        the whole grid; the image is then exactly :func:`~voxelopt.grid.resample_to_grid`'s).
+        ``(image, coverage)``: the image on ``grid`` and its ``(D, H, W)`` float32 coverage
+        (``None`` when the image covers the whole grid). Beyond the coverage the image is
+        border-replicated: the solver does not trust it nor features within the extractor's
+        ``context_voxels`` of it (:meth:`voxelopt.VoxelOptRegistration.solver_masks`).
     """
     extent = data_extent(volume.data)
-    covered = coverage(volume, grid, matrix, extent)
+    if extent != tuple((0, n - 1) for n in volume.shape):
+        volume = crop_to_extent(volume, extent)
     sampled = resample_to_grid(volume, grid, 1, fill_value, matrix)
-    if covered is None:
+    inside = coverage(volume, grid, matrix)
+    if inside is None:
         return sampled, None
     data = np.array(sampled.data, dtype=np.float32)  # a copy: the sample may be the input
-    _fill_from_border(data, volume, grid, matrix, extent, covered)
-    return Volume(data, sampled.affine, sampled.ornt, sampled.path), covered
+    _fill_from_border(data, volume, grid, matrix, inside)
+    image = Volume(data, sampled.affine, sampled.ornt, sampled.path)
+    return image, coverage(volume, grid, matrix, margin=margin)

@@ -4,7 +4,9 @@ A fixed voxel is *informative* when both images have data there: the fixed image
 (its field of view, optional user mask) is set at ``x`` and the moving image's mask, warped by
 the field found so far, is set at ``x``. Elsewhere (outside the moving scan's field of view
 after pre-alignment, outside a user mask) a cost volume compares features with padding, and the
-published method would let that box edge pull the field. Here such voxels:
+published method would let that box edge pull the field. An informative voxel near the edge
+of the moving data keeps its offsets that stay inside it; those that lead out get its worst
+real cost, so they never win. Uninformative voxels:
 
 * carry no signal: their cost is flat (zero for every offset), so their entropy is the
   largest possible, ``log K``;
@@ -73,14 +75,59 @@ class Support:
 
     Attributes:
         weight: ``(B, 1, D, H, W)`` 1 at informative voxels, 0 elsewhere.
+        moving: ``(B, 1, D, H, W)`` 1 where the (warped) moving image has data, or ``None``
+            when only the fixed image is masked.
     """
 
     weight: Tensor
+    moving: Tensor | None = None
 
     @property
     def informative_fraction(self) -> float:
         """Share of the level's voxels that carry a cost signal."""
         return float(self.weight.mean())
+
+    def mask_offsets(self, cost: Tensor, kernel_size: int) -> Tensor:
+        """Cost entries whose offset leads outside the moving data, set to the voxel's largest
+        cost over the offsets that stay inside, so that they never win the argmin and weigh
+        like the worst real match in the entropy.
+
+        Args:
+            cost: ``(B, K, D, H, W)`` in the channel order of
+                :func:`voxelopt.cost.search_offsets`.
+            kernel_size: the search half-width ``k`` of ``cost``.
+
+        Returns:
+            The cost (in place when no gradient is recorded). Voxels with no offset inside
+            are left as they are (they are uninformative and flattened anyway).
+        """
+        if self.moving is None:
+            return cost
+        from voxelopt.cost import search_offsets
+
+        k = kernel_size
+        d, h, w = cost.shape[2:]
+        # beyond the array the nearest voxel's answer, as the published cost pads the features
+        # (an offset out of the box at a covered face stays a candidate)
+        padded = F.pad(self.moving, (k,) * 6, mode="replicate")
+        valid = [
+            padded[:, :, k + i : k + i + d, k + j : k + j + h, k + l : k + l + w] > 0.5
+            for i, j, l in search_offsets(k).long().tolist()
+        ]
+        low = cost.new_tensor(-math.inf)
+        worst = torch.full_like(cost[:, :1], -math.inf)
+        for n, v in enumerate(valid):
+            worst = torch.maximum(worst, torch.where(v, cost[:, n : n + 1], low))
+        none = ~torch.isfinite(worst)  # no offset inside: left as it is
+        worst = torch.where(none, torch.zeros_like(worst), worst)
+        keep = [v | none for v in valid]
+        if torch.is_grad_enabled() and cost.requires_grad:
+            return torch.cat(
+                [torch.where(v, cost[:, n : n + 1], worst) for n, v in enumerate(keep)], dim=1
+            )
+        for n, v in enumerate(keep):
+            cost[:, n : n + 1].copy_(torch.where(v, cost[:, n : n + 1], worst))
+        return cost
 
     def flatten_cost(self, cost: Tensor) -> Tensor:
         """``(B, K, D, H, W)`` cost with every uninformative voxel's offsets set to 0."""
@@ -178,14 +225,17 @@ def erode(mask: Tensor, voxels: int) -> Tensor:
 
 
 def level_support(
-    fixed_mask: Tensor | None, moving_mask: Tensor | None, search: int = 0
+    fixed_mask: Tensor | None, moving_mask: Tensor | None, search: int = 1
 ) -> Support | None:
     """The :class:`Support` of a level from its fixed mask and its warped moving mask.
 
-    A voxel is informative where the fixed image has data and the moving image has data at
-    every offset the level searches: the moving mask is eroded by ``search`` voxels (the
-    volume's own box edge does not erode it; the cost pads it with zeros as published), so no
-    cost entry compares the fixed features with the fill outside the moving field of view.
+    A voxel is informative where the fixed image has data and the moving image has data
+    within ``search`` voxels all around it (the moving mask eroded by the level's search
+    half-width; the array's own edge does not erode): a voxel beside the edge of the moving
+    data may have its true match just beyond it, where no offset can find it, and would pull
+    its neighbours to a wrong one. Offsets of an informative voxel that still lead outside the
+    moving data (possible once the field has moved the mask) are handled per entry
+    (:meth:`Support.mask_offsets`).
 
     Args:
         fixed_mask: ``(B, 1, D, H, W)`` in ``[0, 1]`` on the level's grid, or ``None``.
@@ -199,10 +249,9 @@ def level_support(
     """
     if fixed_mask is None and moving_mask is None:
         return None
-    weight = None
-    if moving_mask is not None:
-        weight = erode(moving_mask, search)
-    if fixed_mask is not None:
-        fixed = (fixed_mask >= 0.5).to(fixed_mask.dtype)
-        weight = fixed if weight is None else weight * fixed
-    return Support(weight=weight)
+    moving = None if moving_mask is None else (moving_mask >= 0.5).to(moving_mask.dtype)
+    fixed = None if fixed_mask is None else (fixed_mask >= 0.5).to(fixed_mask.dtype)
+    weight = fixed
+    if moving is not None:
+        weight = erode(moving, search) if fixed is None else erode(moving, search) * fixed
+    return Support(weight=weight, moving=moving)

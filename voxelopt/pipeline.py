@@ -270,6 +270,23 @@ def _resample(fixed, moving, fixed_labels, grid, matrix, fill, stages, field_of_
     return images, fixed_labels, covered
 
 
+def _common_view(images: list[Volume], covered: list, fill_value: float) -> list[Volume]:
+    """Both images with ``fill_value`` wherever either has no data (outside the product of
+    their coverages): the feature extractors see the same part of the body in both, which
+    matters to networks that look at the whole body (OBELISK crops each image to its body
+    and rescales it). The solver does not trust features near that edge either way."""
+    if covered[0] is None and covered[1] is None:
+        return images
+    common = covered[0] if covered[1] is None else covered[1]
+    if covered[0] is not None and covered[1] is not None:
+        common = covered[0] * covered[1]
+    inside = common > 0.5
+    return [
+        Volume(np.where(inside, v.data, np.float32(fill_value)), v.affine, v.ornt, v.path)
+        for v in images
+    ]
+
+
 def _masks_on_grid(
     covered: list, user: Sequence[Volume | None], grid: Volume, matrix
 ) -> list[np.ndarray | None]:
@@ -398,6 +415,7 @@ def register_volumes(
         fixed, moving, fixed_labels, grid, matrix, fill_value, stages, field_of_view
     )
     masks = _masks_on_grid(covered, (fixed_mask, moving_mask), grid, matrix)
+    images = _common_view(images, covered, fill_value)
     disp, entropy, scores, runtime = _solve_and_score(
         model, images, masks, (fixed_labels_grid, moving_labels), grid, matrix, device, stages
     )

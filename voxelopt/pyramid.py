@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelopt.config import VoxelOptConfig
@@ -88,13 +89,20 @@ def check_feature_pair(fixed: Tensor, moving: Tensor) -> None:
         raise ValueError(f"fixed is on {fixed.device} but moving is on {moving.device}")
 
 
-def _pyramid(volume: Tensor | None, shapes) -> list[Tensor | None]:
-    """``volume`` resized onto every level's shape (finest first); ``None`` stays ``None``."""
+def _pyramid(volume: Tensor | None, shapes, dilate: bool = False) -> list[Tensor | None]:
+    """``volume`` resized onto every level's shape (finest first); ``None`` stays ``None``.
+
+    With ``dilate`` (masks), each level is first grown by one voxel of the finer level: a
+    coarse voxel counts where data lies within about half of it, so that a sliver without
+    data on a face of a fine level (a scan tilted out of view by a degree) does not make the
+    whole face of a coarse level uninformative.
+    """
     if volume is None:
         return [None] * len(shapes)
     out = [volume]
     for shape in shapes[1:]:
-        out.append(resize_volume(out[-1], shape))
+        finer = F.max_pool3d(out[-1], 3, stride=1, padding=1) if dilate else out[-1]
+        out.append(resize_volume(finer, shape))
     return out
 
 
@@ -190,7 +198,8 @@ class VoxelOpt(nn.Module):
                 stacklevel=2,
             )
         fixed_pyramid, moving_pyramid = _pyramid(fixed, shapes), _pyramid(moving, shapes)
-        fixed_masks, moving_masks = _pyramid(fixed_mask, shapes), _pyramid(moving_mask, shapes)
+        fixed_masks = _pyramid(fixed_mask, shapes, dilate=True)
+        moving_masks = _pyramid(moving_mask, shapes, dilate=True)
 
         levels: list[LevelResult] = []
         phi: Tensor | None = None

@@ -223,7 +223,12 @@ def solve_level(
     """
     backend = level_backend(config, fixed, moving)
     offsets = search_offsets(config.kernel_size, device=fixed.device)
-    if backend == "numba":  # the entropy of each plane while its costs are in cache
+    if support is not None:  # offsets without moving data, then the entropy of what is left
+        cost = support.mask_offsets(
+            cost_volume(fixed, moving, config.kernel_size, backend), config.kernel_size
+        )
+        entropy = displacement_entropy(cost, config.beta, config.prob_floor, backend)
+    elif backend == "numba":  # the entropy of each plane while its costs are in cache
         cost, entropy = kernels.cost_and_entropy(
             fixed, moving, config.kernel_size, config.beta, config.prob_floor
         )
