@@ -193,3 +193,36 @@ class TestFixedCache:
     def test_invalid(self):
         with pytest.raises(ValueError, match="cache_fixed"):
             VoxelOptRegistration("raw", cache_fixed=-1)
+
+
+class TestRegisterMasks:
+    """``register(..., fixed_mask=, moving_mask=)``: voxels outside a mask carry no signal."""
+
+    @pytest.fixture(scope="class")
+    def shifted(self):
+        hu, labels = make_phantom((32, 32, 32), seed=0)
+        return hu, labels, np.roll(hu, 2, axis=0), np.roll(labels, 2, axis=0)
+
+    def test_mask_changes_only_what_it_covers(self, shifted):
+        hu, labels, moved_hu, moved_labels = shifted
+        mask = np.ones(hu.shape, np.uint8)
+        mask[..., :8] = 0
+        kw = {"fixed_labels": labels, "moving_labels": moved_labels, "features": "raw", "levels": 2}
+        plain = register(hu, moved_hu, **kw)
+        masked = register(hu, moved_hu, moving_mask=mask, **kw)
+        change = np.linalg.norm(masked.displacement - plain.displacement, axis=0)
+        assert change[..., :8].mean() > 2 * change[..., 16:].mean()
+        assert masked.scores.dice_mean > 0.9
+
+    @pytest.mark.parametrize(
+        ("name", "mask", "message"),
+        [
+            ("moving_mask", np.zeros((32, 32, 32)), "moving_mask is empty"),
+            ("fixed_mask", np.zeros((32, 32, 32)), "fixed_mask is empty"),
+            ("moving_mask", np.ones((30, 32, 32)), "moving_mask and moving are on different"),
+        ],
+    )
+    def test_bad_masks(self, shifted, name, mask, message):
+        hu = shifted[0]
+        with pytest.raises(ValueError, match=message):
+            register(hu, hu, features="raw", levels=2, **{name: mask})

@@ -279,6 +279,8 @@ def register(
     spacing: float | Sequence[float] = 1.0,
     working_spacing: float | str = "auto",
     affine: str = "none",
+    fixed_mask=None,
+    moving_mask=None,
     device: str | torch.device = "cpu",
     **config_overrides,
 ) -> RegistrationResult:
@@ -302,6 +304,10 @@ def register(
         affine: ``"none"`` (default: the arrays are already aligned), ``"rigid"`` or
             ``"affine"`` pre-alignment (:func:`voxelopt.affine.align_affine`), composed into
             the returned displacement.
+        fixed_mask: optional ``(D, H, W)`` mask (nonzero = use) of the fixed image: voxels
+            outside carry no cost signal (:mod:`voxelopt.masking`); images' fields of view
+            and constant edge slabs are handled without it (:mod:`voxelopt.fov`).
+        moving_mask: optional ``(D, H, W)`` mask of the moving image, likewise.
         device: where to run (``"cpu"`` or ``"cuda"``).
 
     Returns:
@@ -319,6 +325,12 @@ def register(
 
     f, m, fl, ml = _register_inputs(fixed, moving, fixed_labels, moving_labels)
     volumes = [None if x is None else volume_from_array(x[0, 0], spacing) for x in (f, m, fl, ml)]
+    masks = [
+        None
+        if x is None
+        else volume_from_array(as_volume_tensor(x, name, torch.int64)[0, 0], spacing)
+        for x, name in ((fixed_mask, "fixed_mask"), (moving_mask, "moving_mask"))
+    ]
     matrix = None
     if affine != "none":
         from voxelopt.affine import align_affine
@@ -332,6 +344,8 @@ def register(
         moving_labels=volumes[3],
         spacing=working_spacing,
         matrix=matrix,
+        fixed_mask=masks[0],
+        moving_mask=masks[1],
         device=device,
         model=model,
     )

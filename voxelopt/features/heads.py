@@ -96,6 +96,27 @@ class HeadedExtractor(FeatureExtractor):
             (m.kernel_size[0] - 1) // 2 for m in head.modules() if isinstance(m, nn.Conv3d)
         )
 
+    @property
+    def head_after_pair(self) -> bool:
+        """Whether the head runs in :meth:`prepare_pair`, after the backbone's own pair step.
+
+        True for a backbone that overrides ``prepare_pair`` (e.g. a
+        :class:`~voxelopt.features.CombinedExtractor`, which normalises and weights each branch
+        per pair): the head must see those prepared features, as the solver would without it.
+        ``forward`` then returns the backbone's raw features (so a fixed image's stay cachable).
+        """
+        return type(self.backbone).prepare_pair is not FeatureExtractor.prepare_pair
+
     def extract(self, image_hu: Tensor) -> Tensor:
-        """``(B, 1, D, H, W)`` HU -> ``(B, head.out_channels, D, H, W)``."""
-        return self.head(self.backbone.extract(image_hu))
+        """``(B, 1, D, H, W)`` HU -> ``(B, head.out_channels, D, H, W)`` (the backbone's raw
+        ``(B, backbone.out_channels, D, H, W)`` when :attr:`head_after_pair`)."""
+        feat = self.backbone.extract(image_hu)
+        return feat if self.head_after_pair else self.head(feat)
+
+    def prepare_pair(self, fixed_feat: Tensor, moving_feat: Tensor) -> tuple[Tensor, Tensor]:
+        """The backbone's pair step, then the head (when :attr:`head_after_pair`), then the
+        joint normalisation of :attr:`pair_normalize`."""
+        if self.head_after_pair:
+            fixed_feat, moving_feat = self.backbone.prepare_pair(fixed_feat, moving_feat)
+            fixed_feat, moving_feat = self.head(fixed_feat), self.head(moving_feat)
+        return super().prepare_pair(fixed_feat, moving_feat)
