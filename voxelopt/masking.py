@@ -110,23 +110,25 @@ class Support:
         # beyond the array the nearest voxel's answer, as the published cost pads the features
         # (an offset out of the box at a covered face stays a candidate)
         padded = F.pad(self.moving, (k,) * 6, mode="replicate")
-        valid = [
-            padded[:, :, k + i : k + i + d, k + j : k + j + h, k + l : k + l + w] > 0.5
-            for i, j, l in search_offsets(k).long().tolist()
-        ]
+        offsets = search_offsets(k).long().tolist()
+
+        def valid(n: int) -> Tensor:  # one offset's mask at a time: no (K, D, H, W) copy
+            i, j, l = offsets[n]
+            return padded[:, :, k + i : k + i + d, k + j : k + j + h, k + l : k + l + w] > 0.5
+
         low = cost.new_tensor(-math.inf)
         worst = torch.full_like(cost[:, :1], -math.inf)
-        for n, v in enumerate(valid):
-            worst = torch.maximum(worst, torch.where(v, cost[:, n : n + 1], low))
+        for n in range(len(offsets)):
+            worst = torch.maximum(worst, torch.where(valid(n), cost[:, n : n + 1], low))
         none = ~torch.isfinite(worst)  # no offset inside: left as it is
         worst = torch.where(none, torch.zeros_like(worst), worst)
-        keep = [v | none for v in valid]
         if torch.is_grad_enabled() and cost.requires_grad:
-            return torch.cat(
-                [torch.where(v, cost[:, n : n + 1], worst) for n, v in enumerate(keep)], dim=1
-            )
-        for n, v in enumerate(keep):
-            cost[:, n : n + 1].copy_(torch.where(v, cost[:, n : n + 1], worst))
+            parts = [
+                torch.where(valid(n) | none, cost[:, n : n + 1], worst) for n in range(len(offsets))
+            ]
+            return torch.cat(parts, dim=1)
+        for n in range(len(offsets)):
+            cost[:, n : n + 1].copy_(torch.where(valid(n) | none, cost[:, n : n + 1], worst))
         return cost
 
     def flatten_cost(self, cost: Tensor) -> Tensor:
