@@ -1,4 +1,4 @@
-"""Fields of view (:mod:`voxelopt.fov`, :func:`voxelopt.pipeline._common_view`) and the
+"""Fields of view (:mod:`voxelopt.fov`, :func:`voxelopt.fov.common_view`) and the
 registration of scans whose fields of view differ: cropped, padded, shifted, shorter, or with
 blanked slices."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from voxelopt.evaluation import score_registration
-from voxelopt.fov import coverage, crop_to_extent, data_extent, sample_with_coverage
+from voxelopt.fov import common_view, coverage, crop_to_extent, data_extent, sample_with_coverage
 from voxelopt.fullres import warp_to_fixed
 from voxelopt.grid import grid_of, resample_to_grid, working_grid
 from voxelopt.io import Volume, load_labels, load_volume
-from voxelopt.pipeline import _common_view, register_volumes
+from voxelopt.pipeline import register_volumes
 
 AFFINE = np.array(
     [[2.0, 0, 0, -11.0], [0, 2.5, 0, 4.0], [0, 0, 3.0, 20.0], [0, 0, 0, 1]], dtype=np.float64
@@ -326,7 +326,7 @@ def _images(seed=0) -> list[Volume]:
 
 
 class TestCommonView:
-    """:func:`voxelopt.pipeline._common_view`: both images at the fill outside the product of
+    """:func:`voxelopt.fov.common_view`: both images at the fill outside the product of
     their coverages, untouched inside."""
 
     @staticmethod
@@ -348,7 +348,7 @@ class TestCommonView:
             "fixed": [fixed, None],
             "moving": [None, moving],
         }[which]
-        out = _common_view(images, covered, -1000.0)
+        out = common_view(images, covered, -1000.0)
         common = np.ones_like(fixed)
         for c in covered:
             if c is not None:
@@ -365,12 +365,12 @@ class TestCommonView:
 
     def test_none_passes_through(self):
         images = _images()
-        out = _common_view(images, [None, None], -1000.0)
+        out = common_view(images, [None, None], -1000.0)
         assert out[0] is images[0] and out[1] is images[1]
 
     def test_fill_value(self):
         fixed, _ = self._coverages()
-        out = _common_view(_images(), [fixed, None], 0.0)
+        out = common_view(_images(), [fixed, None], 0.0)
         assert (out[0].data[:2] == 0).all() and (out[1].data[:2] == 0).all()
 
 

@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from voxelopt.grid import resample_to_grid
 from voxelopt.io import Volume
 
-__all__ = ["coverage", "crop_to_extent", "data_extent", "sample_with_coverage"]
+__all__ = [
+    "common_view",
+    "coverage",
+    "crop_to_extent",
+    "data_extent",
+    "masks_on_grid",
+    "sample_with_coverage",
+]
 
 Extent = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -197,3 +204,34 @@ def sample_with_coverage(
     _fill_from_border(data, volume, grid, matrix, inside)
     image = Volume(data, sampled.affine, sampled.ornt, sampled.path)
     return image, coverage(volume, grid, matrix, margin=margin)
+
+
+def common_view(images: list[Volume], covered: list, fill_value: float) -> list[Volume]:
+    """Both images with ``fill_value`` wherever either has no data (outside the product of
+    their coverages): the feature extractors see the same part of the body in both, which
+    matters to networks that look at the whole body (OBELISK crops each image to its body
+    and rescales it). The solver does not trust features near that edge either way."""
+    if covered[0] is None and covered[1] is None:
+        return images
+    common = covered[0] if covered[1] is None else covered[1]
+    if covered[0] is not None and covered[1] is not None:
+        common = covered[0] * covered[1]
+    inside = common > 0.5
+    return [
+        Volume(np.where(inside, v.data, np.float32(fill_value)), v.affine, v.ornt, v.path)
+        for v in images
+    ]
+
+
+def masks_on_grid(
+    covered: list, user: Sequence[Volume | None], grid: Volume, matrix
+) -> list[np.ndarray | None]:
+    """``[fixed, moving]`` masks on the working grid: coverage times the user's mask (nonzero =
+    inside; the moving one through ``matrix``); ``None`` where neither restricts anything."""
+    masks = []
+    for cov, mask, m in zip(covered, user, (None, matrix), strict=True):
+        if mask is not None:
+            inside = resample_to_grid(mask, grid, 0, 0, m).data != 0
+            cov = inside.astype(np.float32) if cov is None else cov * inside
+        masks.append(cov)
+    return masks

@@ -22,6 +22,7 @@ __all__ = [
     "available_memory_bytes",
     "check_memory",
     "check_registration_memory",
+    "check_volumes_memory",
     "estimate_peak_bytes",
     "resident_inputs_bytes",
     "suggest_spacing",
@@ -307,3 +308,27 @@ def check_registration_memory(
     fit = suggest_spacing(fixed_shape, fixed_spacing, moving_shape, available, **estimate_kw)
     check_memory(estimate, available, fits_with=f"{option} {fit:g}" if fit is not None else None)
     return estimate
+
+
+def check_volumes_memory(fixed, moving, grid, model, labels: bool) -> None:
+    """Raise ``ValueError`` when the stages of :func:`voxelopt.pipeline.register_volumes`
+    after loading will not fit in memory (one line naming a ``spacing`` that fits).
+
+    Args:
+        fixed, moving: the loaded :class:`~voxelopt.io.Volume` images.
+        grid: the working grid.
+        model: the :class:`~voxelopt.VoxelOptRegistration` (its extractor's channels and levels).
+        labels: whether label maps come along.
+    """
+    available = available_memory_bytes()
+    if available is None:
+        return
+    kw = {
+        "channels": int(getattr(model.extractor, "out_channels", 12)),
+        "levels": model.config.levels,
+        "labels": labels,
+    }
+    resident = resident_inputs_bytes(fixed.shape, moving.shape, labels)
+    est = estimate_peak_bytes(fixed.shape, moving.shape, grid.shape, **kw).after_loading(resident)
+    fit = suggest_spacing(fixed.shape, fixed.spacing, moving.shape, available + resident, **kw)
+    check_memory(est, available, fits_with=f"spacing={fit:g}" if fit is not None else None)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from voxelopt.ct import AIR_HU
+from voxelopt.fov import common_view, masks_on_grid
 from voxelopt.fullres import WarpJob, upsample_displacement, warp_many, warp_to_fixed
 from voxelopt.grid import (
     DEFAULT_VOXEL_BUDGET,
@@ -216,30 +217,6 @@ def _check_inputs(fixed, moving, fixed_labels, moving_labels, masks=(None, None)
                 raise ValueError(f"{name} is empty: it has no nonzero voxel")
 
 
-def _check_memory(fixed: Volume, moving: Volume, grid: Volume, model, labels: bool) -> None:
-    """Raise ``ValueError`` when the stages after loading will not fit in memory."""
-    from voxelopt.memory import (
-        available_memory_bytes,
-        check_memory,
-        estimate_peak_bytes,
-        resident_inputs_bytes,
-        suggest_spacing,
-    )
-
-    available = available_memory_bytes()
-    if available is None:
-        return
-    kw = {
-        "channels": int(getattr(model.extractor, "out_channels", 12)),
-        "levels": model.config.levels,
-        "labels": labels,
-    }
-    resident = resident_inputs_bytes(fixed.shape, moving.shape, labels)
-    est = estimate_peak_bytes(fixed.shape, moving.shape, grid.shape, **kw).after_loading(resident)
-    fit = suggest_spacing(fixed.shape, fixed.spacing, moving.shape, available + resident, **kw)
-    check_memory(est, available, fits_with=f"spacing={fit:g}" if fit is not None else None)
-
-
 def _tensor(data: np.ndarray, device: torch.device, dtype=torch.float32) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(data)).to(device, dtype)[None, None]
 
@@ -268,37 +245,6 @@ def _resample(fixed, moving, fixed_labels, grid, matrix, fill, stages, field_of_
             fixed_labels = resample_to_grid(fixed_labels, grid, 0, 0)
             step(total, total)
     return images, fixed_labels, covered
-
-
-def _common_view(images: list[Volume], covered: list, fill_value: float) -> list[Volume]:
-    """Both images with ``fill_value`` wherever either has no data (outside the product of
-    their coverages): the feature extractors see the same part of the body in both, which
-    matters to networks that look at the whole body (OBELISK crops each image to its body
-    and rescales it). The solver does not trust features near that edge either way."""
-    if covered[0] is None and covered[1] is None:
-        return images
-    common = covered[0] if covered[1] is None else covered[1]
-    if covered[0] is not None and covered[1] is not None:
-        common = covered[0] * covered[1]
-    inside = common > 0.5
-    return [
-        Volume(np.where(inside, v.data, np.float32(fill_value)), v.affine, v.ornt, v.path)
-        for v in images
-    ]
-
-
-def _masks_on_grid(
-    covered: list, user: Sequence[Volume | None], grid: Volume, matrix
-) -> list[np.ndarray | None]:
-    """``[fixed, moving]`` masks on the working grid: coverage times the user's mask (nonzero =
-    inside; the moving one through ``matrix``); ``None`` where neither restricts anything."""
-    masks = []
-    for cov, mask, m in zip(covered, user, (None, matrix), strict=True):
-        if mask is not None:
-            inside = resample_to_grid(mask, grid, 0, 0, m).data != 0
-            cov = inside.astype(np.float32) if cov is None else cov * inside
-        masks.append(cov)
-    return masks
 
 
 def _solve(model, f: Tensor, m: Tensor, masks: Sequence[Tensor | None], stages: _Stages):
@@ -410,12 +356,14 @@ def register_volumes(
     grid = working_grid(fixed, working_spacing(fixed.shape, fixed.spacing, spacing, budget_voxels))
     labels = fixed_labels is not None
     if memory_check:
-        _check_memory(fixed, moving, grid, model, labels)
+        from voxelopt.memory import check_volumes_memory
+
+        check_volumes_memory(fixed, moving, grid, model, labels)
     images, fixed_labels_grid, covered = _resample(
         fixed, moving, fixed_labels, grid, matrix, fill_value, stages, field_of_view
     )
-    masks = _masks_on_grid(covered, (fixed_mask, moving_mask), grid, matrix)
-    images = _common_view(images, covered, fill_value)
+    masks = masks_on_grid(covered, (fixed_mask, moving_mask), grid, matrix)
+    images = common_view(images, covered, fill_value)
     disp, entropy, scores, runtime = _solve_and_score(
         model, images, masks, (fixed_labels_grid, moving_labels), grid, matrix, device, stages
     )
