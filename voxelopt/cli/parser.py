@@ -144,6 +144,10 @@ def _add_export(g) -> None:
     )
 
 
+#: the names of :data:`voxelopt.config.PRESETS` (not imported: the parser stays torch-free)
+PRESET_NAMES = ("paper", "fixed-sigma")
+
+
 def _add_solver_options(
     p: argparse.ArgumentParser, export: bool = True, affine: str = "affine"
 ) -> None:
@@ -168,6 +172,14 @@ def _add_solver_options(
         f"image's own, coarsened where that grid exceeds {VOXEL_BUDGET / 1e6:g} M voxels",
     )
     g.add_argument("--downsample", type=positive_int, help=argparse.SUPPRESS)  # gone: --spacing
+    g.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default="paper",
+        help="named solver configuration (voxelopt.config.PRESETS): paper (default, the "
+        "published one) or fixed-sigma (fixed Gaussian, sigma 0.8: better Dice in the method "
+        "ablation, BENCHMARKS.md); the options below that keep their defaults leave it as is",
+    )
     g.add_argument("--levels", type=positive_int, default=5, help="pyramid levels (default 5)")
     g.add_argument("--kernel-size", type=positive_int, default=1, help="search half-width k")
     g.add_argument("--argmin", choices=["hard", "soft"], default="hard")

@@ -30,8 +30,9 @@ __all__ = ["run_demo", "run_register"]
 
 
 def solver_config(args: argparse.Namespace) -> VoxelOptConfig:
-    """The solver configuration the options ask for."""
-    return VoxelOptConfig(
+    """The solver configuration the options ask for: ``--preset`` (default ``paper``), then
+    every option whose value differs from the published default."""
+    asked = dict(
         levels=args.levels,
         kernel_size=args.kernel_size,
         argmin=args.argmin,
@@ -40,6 +41,9 @@ def solver_config(args: argparse.Namespace) -> VoxelOptConfig:
         prefilter_cost=not args.no_prefilter,
         precision=args.precision,
     )
+    default = VoxelOptConfig()
+    changed = {k: v for k, v in asked.items() if v != getattr(default, k)}
+    return VoxelOptConfig.preset(getattr(args, "preset", "paper"), **changed)
 
 
 def check_options(args: argparse.Namespace) -> None:
