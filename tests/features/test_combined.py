@@ -74,7 +74,11 @@ def test_parse_names(name, expected):
     "name, error, match",
     [
         ("mind+sift", ValueError, r"unknown feature extractor 'sift' in 'mind\+sift'"),
-        ("sift", ValueError, "valid names: mind, obelisk, raw, universal; variants: obelisk_"),
+        (
+            "sift",
+            ValueError,
+            "valid names: mind, mind_obelisk_head, obelisk, raw, universal; variants: obelisk_",
+        ),
         ("mind+obelisk:x", ValueError, "bad weight 'x' of branch 'obelisk'"),
         ("mind+obelisk:", ValueError, "bad weight '' of branch 'obelisk'"),
         ("mind:-1+obelisk", ValueError, "bad weight '-1' of branch 'mind'"),

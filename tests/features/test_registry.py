@@ -8,7 +8,7 @@ from voxelopt.features import EXTRACTORS, FeatureExtractor, MindSSC, RawIntensit
 
 
 def test_names():
-    assert set(EXTRACTORS) == {"raw", "mind", "obelisk", "universal"}
+    assert set(EXTRACTORS) == {"raw", "mind", "obelisk", "universal", "mind_obelisk_head"}
     assert all(issubclass(cls, FeatureExtractor) for cls in EXTRACTORS.values())
 
 
@@ -22,7 +22,7 @@ def test_kwargs_forwarded():
 
 
 def test_unknown_name_lists_valid():
-    with pytest.raises(ValueError, match="mind, obelisk, raw, universal"):
+    with pytest.raises(ValueError, match="mind, mind_obelisk_head, obelisk, raw, universal"):
         build_extractor("sift")
 
 

@@ -19,6 +19,7 @@ __all__ = ["FEATURE_NAMES", "VOXEL_BUDGET", "available_cores", "build_parser"]
 #: :func:`voxelopt.features.available_extractors` (for the help text only).
 FEATURE_NAMES = (
     "mind",
+    "mind_obelisk_head",
     "obelisk",
     "obelisk_decoder",
     "obelisk_decoder_coarse",

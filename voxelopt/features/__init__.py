@@ -14,7 +14,7 @@ from __future__ import annotations
 from voxelopt.features.base import FeatureExtractor, check_image
 from voxelopt.features.cache import CachedExtractor, file_key
 from voxelopt.features.combined import CombinedExtractor, route_kwargs, split_combined_name
-from voxelopt.features.heads import FeatureHead, HeadedExtractor
+from voxelopt.features.heads import FeatureHead, HeadedExtractor, PretrainedHead
 from voxelopt.features.intensity import window
 from voxelopt.features.mind import MindSSC, mind_ssc
 from voxelopt.features.normalize import normalize_pair
@@ -37,6 +37,7 @@ __all__ = [
     "MindSSC",
     "ObeliskFeatures",
     "ObeliskHybrid",
+    "PretrainedHead",
     "RawIntensity",
     "UniversalFeatures",
     "UniversalNet",
@@ -58,6 +59,8 @@ EXTRACTORS: dict[str, type[FeatureExtractor]] = {
     "mind": MindSSC,
     "obelisk": ObeliskFeatures,
     "universal": UniversalFeatures,
+    # issue 12: a head fine-tuned on the real subjects, shipped in voxelopt/features/weights
+    "mind_obelisk_head": PretrainedHead,
 }
 """Extractor classes by registry name."""
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from os import PathLike
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from voxelopt.features.base import FeatureExtractor
 
-__all__ = ["FeatureHead", "HeadedExtractor"]
+__all__ = ["WEIGHTS_DIR", "FeatureHead", "HeadedExtractor", "PretrainedHead"]
+
+#: shipped head weights (``NAME.pt``) with their description (``NAME.json``)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
 class FeatureHead(nn.Module):
@@ -120,3 +127,38 @@ class HeadedExtractor(FeatureExtractor):
             fixed_feat, moving_feat = self.backbone.prepare_pair(fixed_feat, moving_feat)
             fixed_feat, moving_feat = self.head(fixed_feat), self.head(moving_feat)
         return super().prepare_pair(fixed_feat, moving_feat)
+
+
+class PretrainedHead(HeadedExtractor):
+    """A fine-tuned head shipped with the package, on its frozen backbone.
+
+    ``NAME.pt`` holds the head's state dict; ``NAME.json`` beside it gives the backbone
+    (a :func:`voxelopt.features.build_extractor` name), the head's arguments and how it was
+    trained (config, command, measured Dice). The whole extractor starts frozen.
+
+    Args:
+        name: a shipped head (a ``.pt`` in :data:`WEIGHTS_DIR`).
+        path: another head file with its ``.json`` (overrides ``name``).
+
+    Raises:
+        FileNotFoundError: when the head file or its description is absent.
+    """
+
+    def __init__(self, name: str = "mind_obelisk_head", path: str | PathLike | None = None):
+        from voxelopt.features import build_extractor  # the registry imports this module
+
+        file = Path(path) if path is not None else WEIGHTS_DIR / f"{name}.pt"
+        for f in (file, file.with_suffix(".json")):
+            if not f.is_file():
+                raise FileNotFoundError(f"head file {f} not found (shipped: {shipped_heads()})")
+        desc = json.loads(file.with_suffix(".json").read_text())
+        head = FeatureHead(**desc["head"])
+        head.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+        super().__init__(build_extractor(desc["backbone"]), head)
+        self.freeze()
+        self.name, self.description = file.stem, desc
+
+
+def shipped_heads() -> list[str]:
+    """Names of the heads in :data:`WEIGHTS_DIR`."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt") if p.with_suffix(".json").is_file())
