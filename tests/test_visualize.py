@@ -182,9 +182,9 @@ def test_dice_in_title(monkeypatch, tmp_path, phantom):
     titles = []
     draw = figure.draw_registration
 
-    def spy(planes, spacing, window, title, names, dpi=100):
+    def spy(planes, spacing, window, title, names, dpi=100, moving_heading="moving"):
         titles.append(title)
-        return draw(planes, spacing, window, title, names, dpi)
+        return draw(planes, spacing, window, title, names, dpi, moving_heading)
 
     monkeypatch.setattr(figure, "draw_registration", spy)
     other = np.where(labels == 6, 0, labels)  # the liver missing: Dice 0 for it
@@ -319,3 +319,31 @@ def test_comparison_figure_errors(tmp_path, phantom):
         save_comparison_figure(tmp_path / "x.png", hu, {"a": hu}, {})
     with pytest.raises(ValueError, match=r"a has shape \(16, 12, 2\), fixed"):
         save_comparison_figure(tmp_path / "x.png", hu, {"a": hu[:, :, :2]}, {"a": {1: [0.5]}})
+
+
+def test_moving_heading(monkeypatch, tmp_path, phantom):
+    """The moving column's heading is passed through (e.g. "moving (affine)" after a
+    pre-alignment) and the default stays "moving"."""
+    hu, labels = phantom
+    seen = []
+    draw = figure.draw_registration
+
+    def spy(planes, spacing, window, title, names, dpi=100, moving_heading="moving"):
+        seen.append(moving_heading)
+        return draw(planes, spacing, window, title, names, dpi, moving_heading)
+
+    monkeypatch.setattr(figure, "draw_registration", spy)
+    path = tmp_path / "h.png"
+    save_registration_figure(path, hu, hu, hu)
+    assert seen[-1] == "moving"
+    planes = _planes_for_heading(hu)
+    a = draw(planes, (1.0, 1.0, 1.0), (-160.0, 240.0), "", None, 100, "moving")
+    b = draw(planes, (1.0, 1.0, 1.0), (-160.0, 240.0), "", None, 100, "moving (affine)")
+    assert a.shape == b.shape and not np.array_equal(a, b)  # the heading is drawn
+
+
+def _planes_for_heading(hu):
+    from voxelopt.visualize import FigurePlane
+
+    cut = np.asarray(hu)[:, :, hu.shape[2] // 2]
+    return [FigurePlane(2, hu.shape[2] // 2, fixed=cut, moving=cut, moved=cut)]

@@ -242,6 +242,7 @@ def draw_registration(
     title: str,
     label_names: Mapping[int, str] | None,
     dpi: int = 100,
+    moving_heading: str = "moving",
 ) -> np.ndarray:
     """The registration figure as ``(H, W, 3)`` uint8 (see ``save_registration_planes``)."""
     extents = [_plane_mm(p, spacing) for p in planes]
@@ -278,7 +279,7 @@ def draw_registration(
                     canvas.outline(_display(labels), box, palette, max(1, round(2 * canvas.f)))
             _letters(canvas, box, p.axis)
             if y == top:
-                heading = "entropy (nats)" if name == "entropy" else name
+                heading = {"entropy": "entropy (nats)", "moving": moving_heading}.get(name, name)
                 canvas.text(box[0] + w / 2, y - 5, heading, size=11, anchor="md")
         label = f"{_PLANE_NAMES[p.axis]} ({'xyz'[p.axis]} = {p.index})"
         canvas.text(_LEFT - 8, y + h / 2, label, size=10, anchor="r", vertical=True)

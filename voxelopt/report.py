@@ -77,10 +77,12 @@ def registration_figure(
     """Fixed, moving, moved and entropy in an axial and a coronal plane of the fixed grid
     (through the labelled organs; :func:`voxelopt.visualize.choose_slices`), as PNG.
 
-    "moving" is the input as it came (on the fixed grid through the files' affines, before any
-    pre-alignment); "moved" is after the whole registration. Only those planes of the moving
-    image, its labels and the entropy (working grid) are resampled onto the fixed grid, so the
-    figure costs no full-resolution volume.
+    "moving" is the input on the fixed grid through the files' affines, or, after an affine
+    pre-alignment (``result.matrix``), through that too (headed "moving (affine)": two scans of
+    different patients often do not overlap in world space at all); "moved" is after the whole
+    registration; the Dice "before" is always that of the headers alone. Only those planes of
+    the moving image, its labels and the entropy (working grid) are resampled onto the fixed
+    grid, so the figure costs no full-resolution volume.
     """
     from voxelopt.grid import resample_to_grid
     from voxelopt.visualize import FigurePlane, choose_slices, save_registration_planes
@@ -91,10 +93,10 @@ def registration_figure(
     for axis, index in choose_slices(fixed.shape, labels, fixed.data, (2, 1)).items():
         grid = _plane_grid(fixed, axis, index)
 
-        def onto(volume, order, fill, _grid=grid, _axis=axis):
+        def onto(volume, order, fill, matrix=None, _grid=grid, _axis=axis):
             if volume is None:
                 return None
-            data = resample_to_grid(volume, _grid, order, fill, antialias=False).data
+            data = resample_to_grid(volume, _grid, order, fill, matrix, antialias=False).data
             return data[(slice(None),) * _axis + (0,)]
 
         def cut(data, _axis=axis, _index=index):  # a view: np.take would copy the volume
@@ -105,11 +107,11 @@ def registration_figure(
                 axis,
                 index,
                 fixed=cut(fixed.data),
-                moving=onto(moving, 1, AIR_HU),
+                moving=onto(moving, 1, AIR_HU, result.matrix),
                 moved=cut(result.moved),
                 entropy=onto(entropy, 1, 0.0),
                 fixed_labels=cut(labels),
-                moving_labels=onto(moving_labels, 0, 0),
+                moving_labels=onto(moving_labels, 0, 0, result.matrix),
             )
         )
     before = None
@@ -131,6 +133,7 @@ def registration_figure(
         dice_before=before,
         dice_after=after,
         label_names=names,
+        moving_heading="moving" if result.matrix is None else "moving (affine)",
     )
 
 

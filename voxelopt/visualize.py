@@ -254,6 +254,7 @@ def save_registration_planes(
     dice_before: float | None = None,
     dice_after: float | None = None,
     label_names: Mapping[int, str] | None = None,
+    moving_heading: str = "moving",
 ) -> Path:
     """The registration figure from planes already cut (e.g. resampled slab by slab).
 
@@ -273,6 +274,8 @@ def save_registration_planes(
         dice_before: mean Dice before registration, or ``None``.
         dice_after: mean Dice after registration, or ``None``.
         label_names: optional ``{label: name}`` for the legend.
+        moving_heading: the moving column's heading (e.g. ``"moving (affine)"`` when the
+            planes show it after a pre-alignment).
 
     Returns:
         The written path.
@@ -294,7 +297,9 @@ def save_registration_planes(
     if dice_before is not None or dice_after is not None:
         text.append(f"mean Dice {_percent(dice_before)} before, {_percent(dice_after)} after")
     spacing = [float(s) for s in spacing]
-    image = draw_registration(planes, spacing, window, ": ".join(text), label_names, dpi)
+    image = draw_registration(
+        planes, spacing, window, ": ".join(text), label_names, dpi, moving_heading
+    )
     return _save_rgb(image, path, dpi)
 
 
