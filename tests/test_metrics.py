@@ -49,6 +49,23 @@ def test_dice_matches_reference(seed):
         assert value == pytest.approx(_dice_reference(a, b, lab))
 
 
+_WIDE = [np.uint16, np.uint32, np.uint64, np.int16, np.int32, np.float32]
+
+
+# offset 290: labels beyond the joint histogram's range (a fallback path)
+@pytest.mark.parametrize(
+    "dtype, offset",
+    [(t, 0) for t in [np.uint8, np.int8, *_WIDE]] + [(t, 290) for t in _WIDE],
+)
+def test_dice_label_dtypes(dtype, offset):
+    a, b = _blobs((8, 9, 10), 4), _blobs((8, 9, 10), 5)
+    a, b = (np.where(x > 0, x + offset, 0).astype(dtype) for x in (a, b))
+    got = dice(a, b)
+    assert set(got) == {offset + 1, offset + 2, offset + 3}
+    for lab, value in got.items():
+        assert value == pytest.approx(_dice_reference(a, b, lab))
+
+
 def test_dice_smoke_identical_and_disjoint():
     a = np.zeros((6, 6, 6), dtype=np.int64)
     a[:3] = 1

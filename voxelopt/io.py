@@ -273,7 +273,8 @@ def save_volume(array, like: Volume, path: str | Path, dtype=None) -> Path:
     """Write a canonical ``(D, H, W)`` array as NIfTI on ``like``'s grid in its file orientation.
 
     The canonical reorientation is undone, so the written file has ``like``'s original axis
-    order and affine (e.g. an LPS input gives an LPS output).
+    order and affine (e.g. an LPS input gives an LPS output). Streamed slab by slab and
+    compressed in threads (:func:`voxelopt.nifti_stream.write_volume`).
 
     Args:
         array: ``(D, H, W)`` numpy array or tensor on ``like``'s canonical grid.
@@ -284,23 +285,12 @@ def save_volume(array, like: Volume, path: str | Path, dtype=None) -> Path:
     Returns:
         The written path.
     """
+    from voxelopt.nifti_stream import write_volume
+
     arr = _to_numpy(array)
     if arr.shape != like.shape:
         raise ValueError(f"array shape {arr.shape} does not match the grid of like {like.shape}")
-    if dtype is None:
-        dtype = np.float32 if arr.dtype == np.float64 else arr.dtype
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8)
-    if np.dtype(dtype) == np.bool_:
-        dtype = np.uint8
-    out = like.to_file_orientation(arr).astype(dtype)
-    img = nib.Nifti1Image(out, like.file_affine)
-    img.set_qform(like.file_affine, code=1)
-    img.set_sform(like.file_affine, code=1)
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    return write_volume(arr, like, path, dtype)
 
 
 def displacement_to_file_grid(disp, like: Volume) -> np.ndarray:

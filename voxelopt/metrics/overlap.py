@@ -19,13 +19,27 @@ __all__ = ["dice", "dice_per_label", "label_pair", "mean_over_labels"]
 ArrayLike = Tensor | np.ndarray
 
 
-def label_pair(
-    pred: ArrayLike, target: ArrayLike, labels: Iterable[int] | None
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _checked_pair(pred: ArrayLike, target: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     p = check_label_array(pred, "pred_labels")
     t = check_label_array(target, "target_labels")
     if p.shape != t.shape:
         raise ValueError(f"label maps differ in shape: pred {p.shape}, target {t.shape}")
+    return p, t
+
+
+def _flat_tensor(x: np.ndarray) -> Tensor:
+    """A label map as a flat tensor (unsigned types torch cannot reduce become int64)."""
+    if x.dtype in (np.uint16, np.uint32, np.uint64):
+        if x.size and int(x.max()) >= 2**63:
+            raise ValueError(f"label values must be below 2^63, got {int(x.max())}")
+        x = x.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(x)).reshape(-1)
+
+
+def label_pair(
+    pred: ArrayLike, target: ArrayLike, labels: Iterable[int] | None
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    p, t = _checked_pair(pred, target)
     if labels is None:
         found = np.union1d(np.unique(p), np.unique(t))
         labels = [int(v) for v in found if v != 0]
@@ -47,15 +61,15 @@ def dice(
     Returns:
         ``{label: dice}`` in ``[0, 1]``; labels absent from both maps are left out.
     """
-    p, t, labels = label_pair(pred_labels, target_labels, labels)
-    out: dict[int, float] = {}
-    for lab in labels:
-        pm, tm = p == lab, t == lab
-        total = int(pm.sum()) + int(tm.sum())
-        if total == 0:
-            continue
-        out[lab] = 2.0 * float(np.logical_and(pm, tm).sum()) / total
-    return out
+    p, t = (_flat_tensor(x) for x in _checked_pair(pred_labels, target_labels))
+    if labels is None and (joint := _joint_histogram(p, t)) is not None:
+        # every label present in either map, from one pass
+        labels = [lab for lab in (joint.sum(0) + joint.sum(1)).nonzero().flatten().tolist() if lab]
+    _, _, labels = label_pair(pred_labels, target_labels, labels)
+    if not labels:
+        return {}
+    scores = _dice_flat(p[None], t[None], labels)[0].tolist()
+    return {lab: v for lab, v in zip(labels, scores, strict=True) if not math.isnan(v)}
 
 
 def dice_per_label(pred_labels: Tensor, target_labels: Tensor, labels: Sequence[int]) -> Tensor:
@@ -82,6 +96,11 @@ def dice_per_label(pred_labels: Tensor, target_labels: Tensor, labels: Sequence[
         )
     p = pred_labels.reshape(pred_labels.shape[0], -1)
     t = target_labels.reshape(target_labels.shape[0], -1)
+    return _dice_flat(p, t, labels)
+
+
+def _dice_flat(p: Tensor, t: Tensor, labels: Sequence[int]) -> Tensor:
+    """``(B, L)`` float64 Dice of ``(B, N)`` label maps (``nan``: label in neither map)."""
     dense = _dice_from_counts(p, t, labels)
     if dense is not None:
         return dense
@@ -94,18 +113,28 @@ def dice_per_label(pred_labels: Tensor, target_labels: Tensor, labels: Sequence[
     return out
 
 
+def _joint_histogram(p: Tensor, t: Tensor, labels: Sequence[int] = ()) -> Tensor | None:
+    """``(n, n)`` counts of (pred, target) label pairs of two flat integer maps whose labels
+    (and ``labels``) lie in ``[0, 256)``; ``None`` otherwise."""
+    if p.is_floating_point() or p.numel() == 0:
+        return None
+    n = max(int(max(p.max(), t.max())), max(labels, default=0)) + 1
+    if min(int(min(p.min(), t.min())), min(labels, default=0)) < 0 or n > 256:
+        return None
+    return torch.bincount(p.long() * n + t.long(), minlength=n * n).view(n, n)
+
+
 def _dice_from_counts(p: Tensor, t: Tensor, labels: Sequence[int]) -> Tensor | None:
     """Dice of ``(B, N)`` maps from one joint histogram per pair (labels in ``[0, 256)``;
     ``None`` otherwise): one pass instead of three per label."""
-    if p.is_floating_point() or p.numel() == 0 or not labels:
-        return None
-    n = max(int(max(p.max(), t.max())), max(labels)) + 1
-    if min(int(min(p.min(), t.min())), min(labels)) < 0 or n > 256:
+    if not labels:
         return None
     lab = torch.as_tensor(list(labels), device=p.device)
     out = torch.empty(p.shape[0], len(labels), dtype=torch.float64, device=p.device)
     for b in range(p.shape[0]):
-        joint = torch.bincount(p[b].long() * n + t[b].long(), minlength=n * n).view(n, n)
+        joint = _joint_histogram(p[b], t[b], labels)
+        if joint is None:
+            return None
         inter = joint.diagonal()[lab].double()
         total = (joint.sum(1)[lab] + joint.sum(0)[lab]).double()
         out[b] = torch.where(total > 0, 2.0 * inter / total.clamp_min(1), float("nan"))
