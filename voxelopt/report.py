@@ -49,13 +49,21 @@ def write_results(
         threads: threads compressing the displacement file.
         grid: ``"fixed"`` (Learn2Reg) or ``"working"``: the grid of ``displacement.nii.gz``.
     """
-    save_volume(result.moved, fixed, out.path("moved.nii.gz"), dtype=np.float32)
-    result.write_displacement(out.path("displacement.nii.gz"), grid=grid, threads=threads)
-    if result.moved_labels is not None:
-        save_volume(result.moved_labels, fixed, out.path("moved_labels.nii.gz"))
-    registration_figure(
-        out.path("registration.png"), fixed, moving, fixed_labels, moving_labels, result
-    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    def volumes() -> None:
+        save_volume(result.moved, fixed, out.path("moved.nii.gz"), dtype=np.float32)
+        result.write_displacement(out.path("displacement.nii.gz"), grid=grid, threads=threads)
+        if result.moved_labels is not None:
+            save_volume(result.moved_labels, fixed, out.path("moved_labels.nii.gz"))
+
+    # the volumes are compressed (zlib releases the GIL) while the figure is drawn
+    with ThreadPoolExecutor(1) as pool:
+        written = pool.submit(volumes)
+        registration_figure(
+            out.path("registration.png"), fixed, moving, fixed_labels, moving_labels, result
+        )
+        written.result()
 
 
 def _plane_grid(fixed: Volume, axis: int, index: int) -> Volume:
