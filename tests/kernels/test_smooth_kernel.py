@@ -70,3 +70,8 @@ def test_weights_outside_the_kernel_range():
         assert torch.equal(smooth(x, weight, 2, backend="auto"), smooth(x, weight, 2))
         with pytest.raises(ValueError, match="side weights"):
             smooth(x, weight, 2, backend="numba")
+    for bad in (0.5, float("nan"), -0.0001):  # one voxel's weight is enough
+        weight = torch.full((1, 1, 4, 5, 6), 0.2)
+        weight[0, 0, 3, 4, 5] = bad
+        assert kernels.smooth(x, weight, 2) is None
+    assert kernels.smooth(x, torch.full((1, 1, 4, 5, 6), 0.0), 2) is not None

@@ -15,7 +15,7 @@ from numba import prange
 
 from voxelopt.kernels._runtime import fma, jit, parallel_jit
 
-__all__ = ["smooth", "weights_in_range"]
+__all__ = ["smooth"]
 
 _ZERO = np.float32(0.0)
 _HALF = np.float32(0.5)
@@ -28,18 +28,6 @@ _TWO = np.float32(2.0)
 # ``a[:] = b`` checks for overlap and may copy through a temporary). A missing neighbour (zero
 # padding) is read from a zero row: lerp(0, a, 0.5) = a / 2 and lerp(a, 0, 0.5) = a / 2
 # exactly, as torch computes its edges, so one loop serves every voxel.
-
-
-@jit
-def weights_in_range(weight):
-    """Whether every side weight lies in ``[0, 0.5)``, where :func:`_coefficient` encodes
-    ATen's choice of lerp formula (sequential: cheaper than waking threads for 1 M values)."""
-    flat = weight.reshape(-1)
-    low, high = _HALF, _ZERO
-    for i in range(flat.shape[0]):
-        low = min(low, flat[i])
-        high = max(high, flat[i])
-    return _ZERO <= low and high < _HALF
 
 
 @jit
