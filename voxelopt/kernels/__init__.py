@@ -142,6 +142,8 @@ def _array(t: Tensor):
 #: One kernel at a time per process: each uses every thread already, and numba's workqueue
 #: threading layer (see ``_runtime``) must not be entered from two threads at once.
 _LOCK = threading.Lock()
+#: Kernel modules whose cache was checked against the sources in this process.
+_CHECKED: set[str] = set()
 
 
 def _call(module: str, kernel: str, *args):
@@ -153,7 +155,11 @@ def _call(module: str, kernel: str, *args):
     with _LOCK:
         runtime = importlib.import_module("voxelopt.kernels._runtime")
         runtime.set_threads()
-        return getattr(importlib.import_module(f"voxelopt.kernels._{module}"), kernel)(*args)
+        found = importlib.import_module(f"voxelopt.kernels._{module}")
+        if module not in _CHECKED:
+            runtime.drop_stale_cache(found)
+            _CHECKED.add(module)
+        return getattr(found, kernel)(*args)
 
 
 def cost_volume(fixed: Tensor, moving: Tensor, kernel_size: int) -> Tensor:

@@ -15,7 +15,11 @@ threads at once; :mod:`voxelopt.kernels` runs one kernel at a time under a lock.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+from pathlib import Path
+from types import ModuleType
 
 import numba
 import numpy as np
@@ -24,7 +28,17 @@ from llvmlite import ir
 from numba.core import types
 from numba.extending import intrinsic
 
-__all__ = ["fast_exp", "fast_log", "float32_bits", "fma", "jit", "parallel_jit", "set_threads"]
+__all__ = [
+    "drop_stale_cache",
+    "sources_digest",
+    "fast_exp",
+    "fast_log",
+    "float32_bits",
+    "fma",
+    "jit",
+    "parallel_jit",
+    "set_threads",
+]
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"  # takes effect if no parallel code ran yet
@@ -38,6 +52,45 @@ jit = numba.njit(cache=True, nogil=True)
 def parallel_jit(func):
     """``numba.njit(parallel=True, cache=True)``: ``numba.prange`` loops run on all threads."""
     return numba.njit(parallel=True, cache=True, nogil=True)(func)
+
+
+@functools.lru_cache(maxsize=1)
+def sources_digest() -> str:
+    """A digest of every kernel source of this folder (read once per process)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("_*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def drop_stale_cache(module: ModuleType) -> None:
+    """Forget ``module``'s cached kernels when any kernel source changed since they were saved.
+
+    numba checks a cached kernel against its own file only, but kernels inline helpers from
+    other files of this folder (the entropy in the cost volume, :func:`fast_exp` in several):
+    after an edit of a helper, or a ``git pull`` in an editable install, the cache would still
+    hold the old machine code. A stamp beside each module's cache names the sources it was
+    built from. Call before the module's first kernel call.
+    """
+    digest = sources_digest()
+    for obj in vars(module).values():
+        if not isinstance(obj, numba.core.dispatcher.Dispatcher):
+            continue
+        if obj.py_func.__module__ != module.__name__:  # imported from another module
+            continue
+        cache = getattr(obj, "_cache", None)
+        folder = getattr(cache, "_cache_path", None)
+        if folder is None:
+            continue
+        stamp = Path(folder) / f"{module.__name__.rsplit('.', 1)[-1]}.{obj.__name__}.sources"
+        try:
+            if stamp.is_file() and stamp.read_text() == digest:
+                continue
+            cache.flush()
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(digest)
+        except OSError:  # a read-only cache: numba recompiles what it cannot load
+            continue
 
 
 def set_threads() -> None:
