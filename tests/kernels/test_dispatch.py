@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -124,6 +125,33 @@ print(all(results) and len(results) == 9)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "True"
+
+
+@needs_numba
+@pytest.mark.parametrize("override", [None, "workqueue"])
+def test_threading_layer(override):
+    """TBB where the tbb package loads, else workqueue; never numba's OpenMP layer by
+    default (a second OpenMP pool beside torch's); NUMBA_THREADING_LAYER overrides."""
+    import importlib.metadata
+
+    code = """
+import torch, numba
+from voxelopt import kernels
+kernels.smooth(torch.rand(1, 3, 8, 8, 8), 0.2, 1)
+print(numba.threading_layer())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if override:
+        env["NUMBA_THREADING_LAYER"] = override
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    try:
+        importlib.metadata.version("tbb")
+        has_tbb = True
+    except importlib.metadata.PackageNotFoundError:
+        has_tbb = False
+    expected = override or ("tbb" if has_tbb else "workqueue")
+    assert out.stdout.strip() == expected
 
 
 @needs_numba

@@ -3,14 +3,18 @@
 This module imports numba; only the kernel modules import it, and those only when the numba
 backend is first used (see :mod:`voxelopt.kernels`).
 
-Threading layer: numba's ``workqueue`` unless ``NUMBA_THREADING_LAYER`` names another. With its
-default OpenMP layer, numba's worker pool sits beside torch's own OpenMP pool (another copy of
-libgomp): a worker that has to be woken for each of a solve's ~140 parallel kernels waited for
-a scheduler tick whenever the two cores had other work (4-8 ms per kernel measured, against
-0.03 ms for ``workqueue``), and an idle worker kept spinning at 100 % of a core. Measured on
-whole solves (96 x 80 x 128 x 8, 2 threads, a shared machine, three interleaved rounds):
-``omp`` 1.78-2.44 s, ``workqueue`` 0.55-0.92 s. ``workqueue`` must not be entered from two
-threads at once; :mod:`voxelopt.kernels` runs one kernel at a time under a lock.
+Threading layer: TBB (the ``tbb`` package, a dependency on x86-64), else numba's
+``workqueue``, unless ``NUMBA_THREADING_LAYER`` names one. numba's default OpenMP layer puts
+a second worker pool beside torch's own OpenMP pool (another copy of libgomp): a worker woken
+for each of a solve's ~140 parallel kernels waited for a scheduler tick whenever the two cores
+had other work (4-8 ms per kernel measured), and an idle worker kept spinning at 100 % of a
+core. ``workqueue`` has neither problem but costs ~125 us to start each parallel loop (a
+futex wake and join; 2-5 us for OpenMP and TBB), 17 ms of a 96 x 80 x 128 solve. TBB's
+workers spin briefly and then sleep (no CPU used when idle). Whole solves (96 x 80 x 128 x 8,
+2 threads, one run, 7 solves each): quiet machine ``workqueue`` 0.38 s, ``tbb`` 0.32-0.34 s,
+``omp`` 0.31-0.33 s; a third process busy on one core: 0.68 s, 0.60-0.62 s, 0.70-0.74 s.
+``workqueue`` must not be entered from two threads at once; :mod:`voxelopt.kernels` runs one
+kernel at a time under a lock.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from numba.core import types
 from numba.extending import intrinsic
 
 __all__ = [
+    "THREADING_LAYERS",
     "drop_stale_cache",
     "sources_digest",
     "fast_exp",
@@ -40,18 +45,26 @@ __all__ = [
     "set_threads",
 ]
 
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"  # takes effect if no parallel code ran yet
+#: The first threading layer that loads, in this order (see above; numba wants all three
+#: named, and workqueue, built into numba, always loads).
+THREADING_LAYERS = ["tbb", "workqueue", "omp"]
+if "NUMBA_THREADING_LAYER" not in os.environ:  # takes effect if no parallel code ran yet
+    numba.config.THREADING_LAYER_PRIORITY = THREADING_LAYERS
+    numba.config.THREADING_LAYER = "default"
 
 #: Compiled once per machine and kept in numba's cache (``__pycache__`` beside the sources or,
 #: where that is read-only, numba's per-user cache folder); later processes load it in
 #: milliseconds. ``fastmath`` stays off: the kernels must round like the torch operators.
-jit = numba.njit(cache=True, nogil=True)
+#: ``error_model="numpy"``: a float division is IEEE's (inf or nan for a zero divisor, as
+#: torch's) instead of a test and a Python exception, which kept LLVM from vectorising every
+#: loop with a division (the entropy: 51 -> 40 ns a voxel, the same values).
+_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
+jit = numba.njit(**_OPTIONS)
 
 
 def parallel_jit(func):
-    """``numba.njit(parallel=True, cache=True)``: ``numba.prange`` loops run on all threads."""
-    return numba.njit(parallel=True, cache=True, nogil=True)(func)
+    """:data:`jit` with ``parallel=True``: ``numba.prange`` loops run on all threads."""
+    return numba.njit(parallel=True, **_OPTIONS)(func)
 
 
 @functools.lru_cache(maxsize=1)
