@@ -117,9 +117,11 @@ def test_ants_syn_improves_dice(translated_pair):
 @pytest.mark.skipif(
     not HAS_ELASTIX, reason="itk-elastix is not installed (pip install voxelopt[peers])"
 )
-def test_elastix_translation_convention(translated_pair):
+def test_elastix_translation_convention(translated_pair, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     model = ElastixBSpline(AFFINE, ("translation",), iterations=100, threads=1)
     _check_translation(model(*translated_pair[0:3:2]), translated_pair, atol=0.3)
+    assert list(tmp_path.iterdir()) == []  # transformix's field file stays out of the cwd
 
 
 @pytest.mark.skipif(

@@ -14,6 +14,7 @@ transposed on the way in and out so that ITK index ``c`` is our axis ``c``.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -146,7 +147,12 @@ class ElastixBSpline(ArrayPeer):
                 parameter_object=self.parameter_object(itk),
                 log_to_console=False,
             )
-            field = itk.transformix_deformation_field(moving_img, transform)
+            # transformix writes deformationField.nii into its output directory (the current
+            # one by default): keep it out of the user's folder
+            with tempfile.TemporaryDirectory(prefix="voxelopt-transformix-") as scratch:
+                field = itk.transformix_deformation_field(
+                    moving_img, transform, output_directory=scratch
+                )
         finally:
             threader.SetGlobalDefaultNumberOfThreads(saved)
         field = np.asarray(itk.array_from_image(field)).transpose(2, 1, 0, 3)
