@@ -282,6 +282,14 @@ def test_upsample_with_matrix_is_the_total_displacement(image, field, angle):
     )
 
 
+def test_field_upsampler_on_the_same_grid_is_the_field(image):
+    disp = torch.randn((1, 3, *image.shape), generator=torch.Generator().manual_seed(1))
+    up = FieldUpsampler(disp, image, image, axis=2, plane_axes=(1, 0), channels=(2, 0))
+    ref = disp[0, [2, 0]].permute(0, 3, 2, 1)
+    assert torch.equal(up.slab(3, 9), ref[:, 3:9])
+    assert torch.equal(up.slab(0, 4, channel=0), ref[1:, 0:4])
+
+
 def test_field_upsampler_plane_order_and_channels(image, field):
     grid, disp = field
     full = resize_displacement(disp, image.shape)[0]

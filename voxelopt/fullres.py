@@ -163,6 +163,12 @@ class FieldUpsampler:
         Returns:
             The field in voxels of the fixed grid; axes: channel, slab axis, ``plane_axes``.
         """
+        if self.ratio == 1.0 and self.voxel_matrix is None and self.field.shape[2:] == self.size:
+            # the working grid is the fixed grid: interpolation weights 1 and 0 change nothing
+            field = (
+                self.field if channel is None else self.field[self.channels.index(channel), None]
+            )
+            return field[:, start:stop]
         pos = np.arange(start, stop, dtype=np.float64) * self.ratio
         i0 = np.clip(np.floor(pos).astype(np.int64), 0, max(self.n_working - 2, 0))
         i1 = np.minimum(i0 + 1, self.n_working - 1)
