@@ -11,6 +11,7 @@ import argparse
 import math
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import nibabel as nib
 import torch
@@ -120,10 +121,17 @@ def load_inputs(args, progress: Progress):
     ``moving_labels``), checked: readable, labels on their image's grid and plausible, fixed
     and moving overlapping in world space (unless an affine search looks for the overlap)."""
     names = ", ".join(str(p.name) for p in (args.fixed, args.moving))
+
+    def image_and_labels(name: str):
+        image = load_volume(getattr(args, name))
+        return image, load_labels_for(getattr(args, f"{name}_labels"), image, f"--{name}-labels")
+
     with progress.stage("loading", names):
-        fixed, moving = load_volume(args.fixed), load_volume(args.moving)
-        fixed_labels = load_labels_for(args.fixed_labels, fixed, "--fixed-labels")
-        moving_labels = load_labels_for(args.moving_labels, moving, "--moving-labels")
+        # the two images in two threads (gzip and numpy release the GIL): 0.13 -> 0.08 s for
+        # a 96 x 80 x 128 pair with labels; errors are reported fixed first
+        with ThreadPoolExecutor(2) as pool:
+            loads = [pool.submit(image_and_labels, name) for name in ("fixed", "moving")]
+            (fixed, fixed_labels), (moving, moving_labels) = (job.result() for job in loads)
         for name, image in (("fixed", fixed), ("moving", moving)):  # checked as labels are
             path = getattr(args, f"{name}_mask", None)
             mask = load_labels_for(path, image, f"--{name}-mask", f"--{name}")
