@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from voxelopt.baselines.itk_space import INSTALL_HINT
 from voxelopt.baselines.voxelmorph import VoxelMorph
 from voxelopt.comparison import (
     METHODS,
@@ -77,7 +78,7 @@ def test_scores_come_from_the_metrics(pairs):
 def test_missing_package_is_skipped_with_the_reason(pairs, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ants", None)
     result = run_comparison(["initial", "ants"], pairs, device="cpu", log=lambda s: None)
-    assert "pip install voxelopt[peers]" in result.methods[1].skipped
+    assert INSTALL_HINT in result.methods[1].skipped
     paths = write_outputs(result, tmp_path)
     assert "- ANTs SyN: " in paths["markdown"].read_text()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 
 import numpy as np
@@ -11,7 +12,11 @@ import torch
 
 from voxelopt.baselines.ants import AntsSyN, ants_available
 from voxelopt.baselines.elastix import ElastixBSpline, elastix_available
-from voxelopt.baselines.itk_space import ItkGeometry, physical_to_voxel_displacement
+from voxelopt.baselines.itk_space import (
+    INSTALL_HINT,
+    ItkGeometry,
+    physical_to_voxel_displacement,
+)
 from voxelopt.features.intensity import window
 from voxelopt.metrics import dice, mean_over_labels
 from voxelopt.phantom import make_phantom
@@ -96,27 +101,25 @@ def test_bad_elastix_transform():
 def test_missing_package_gives_install_hint(monkeypatch, module, available, cls):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
     ok, reason = available()
-    assert not ok and "pip install voxelopt[peers]" in reason
-    with pytest.raises(ImportError, match=r"pip install voxelopt\[peers\]"):
+    assert not ok and INSTALL_HINT in reason
+    with pytest.raises(ImportError, match=re.escape(INSTALL_HINT)):
         cls(AFFINE)(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1, 4, 4, 4))
 
 
 # ------------------------------------------------------------------------------- conventions
-@pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install voxelopt[peers])")
+@pytest.mark.skipif(not HAS_ANTS, reason=f"antspyx is not installed ({INSTALL_HINT})")
 def test_ants_translation_convention(translated_pair):
     model = AntsSyN(AFFINE, "Translation", threads=1)
     _check_translation(model(*translated_pair[0:3:2]), translated_pair, atol=0.3)
 
 
-@pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install voxelopt[peers])")
+@pytest.mark.skipif(not HAS_ANTS, reason=f"antspyx is not installed ({INSTALL_HINT})")
 def test_ants_syn_improves_dice(translated_pair):
     model = AntsSyN(AFFINE, "SyN", threads=1)
     _check_translation(model(*translated_pair[0:3:2]), translated_pair, atol=0.6)
 
 
-@pytest.mark.skipif(
-    not HAS_ELASTIX, reason="itk-elastix is not installed (pip install voxelopt[peers])"
-)
+@pytest.mark.skipif(not HAS_ELASTIX, reason=f"itk-elastix is not installed ({INSTALL_HINT})")
 def test_elastix_translation_convention(translated_pair, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = ElastixBSpline(AFFINE, ("translation",), iterations=100, threads=1)
@@ -124,9 +127,7 @@ def test_elastix_translation_convention(translated_pair, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # transformix's field file stays out of the cwd
 
 
-@pytest.mark.skipif(
-    not HAS_ELASTIX, reason="itk-elastix is not installed (pip install voxelopt[peers])"
-)
+@pytest.mark.skipif(not HAS_ELASTIX, reason=f"itk-elastix is not installed ({INSTALL_HINT})")
 def test_elastix_bspline_improves_dice(translated_pair):
     model = ElastixBSpline(
         AFFINE, iterations=60, threads=1, parameters={"Metric": ["AdvancedMattesMutualInformation"]}
@@ -191,7 +192,7 @@ def _check_total(u, shape, atol):
     assert torch.allclose(inner, expected, atol=atol), (inner, expected)
 
 
-@pytest.mark.skipif(not HAS_ANTS, reason="antspyx is not installed (pip install voxelopt[peers])")
+@pytest.mark.skipif(not HAS_ANTS, reason=f"antspyx is not installed ({INSTALL_HINT})")
 @pytest.mark.parametrize("with_start", [False, True], ids=["own_start", "given_start"])
 def test_ants_moving_on_its_own_grid(translated_pair, with_start):
     fixed, crop, own, start = _own_grid_case(translated_pair)
@@ -205,9 +206,7 @@ def test_ants_moving_on_its_own_grid(translated_pair, with_start):
     _check_total(u, fixed.shape, atol=0.3)
 
 
-@pytest.mark.skipif(
-    not HAS_ELASTIX, reason="itk-elastix is not installed (pip install voxelopt[peers])"
-)
+@pytest.mark.skipif(not HAS_ELASTIX, reason=f"itk-elastix is not installed ({INSTALL_HINT})")
 def test_elastix_moving_on_its_own_grid_from_a_start(translated_pair):
     fixed, crop, own, start = _own_grid_case(translated_pair)
     model = ElastixBSpline(AFFINE, ("translation",), iterations=100, threads=1)

@@ -9,7 +9,7 @@ arrays) to a displacement ``(B, 3, D, H, W)`` in voxels of the fixed grid with
 * :mod:`voxelopt.baselines.voxelmorph`: a VoxelMorph-style 3D U-Net predicting a stationary
   velocity field.
 * :mod:`voxelopt.baselines.ants` / :mod:`voxelopt.baselines.elastix`: adapters for ANTs SyN and
-  elastix B-spline (optional extras: ``pip install voxelopt[peers]``), imported lazily.
+  elastix B-spline (optional extras: ``pip install -e ".[peers]"``), imported lazily.
 * :mod:`voxelopt.baselines.itk_space`: RAS voxel arrays <-> ITK (LPS) physical space, shared by
   the two adapters.
 """

@@ -1,6 +1,6 @@
 """ANTs SyN (through ``antspyx``) as a registration model.
 
-``antspyx`` is an optional extra (``pip install voxelopt[peers]``) imported only when the
+``antspyx`` is an optional extra (``pip install -e ".[peers]"``) imported only when the
 adapter runs. Both images are windowed, placed in ITK physical space with the fixed image's
 affine (:mod:`voxelopt.baselines.itk_space`), registered with ``ants.registration``, and the
 forward transforms are composed by ANTs into one physical deformation field on the fixed grid,

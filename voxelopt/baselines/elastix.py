@@ -1,6 +1,6 @@
 """elastix B-spline registration (through ``itk-elastix``) as a registration model.
 
-``itk-elastix`` is an optional extra (``pip install voxelopt[peers]``) imported only when the
+``itk-elastix`` is an optional extra (``pip install -e ".[peers]"``) imported only when the
 adapter runs. Both images are windowed and placed in ITK physical space with the fixed image's
 affine (:mod:`voxelopt.baselines.itk_space`); elastix registers them with its default B-spline
 parameter map (multi-resolution, Mattes mutual information + bending energy, adaptive

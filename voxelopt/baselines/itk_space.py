@@ -104,7 +104,7 @@ def physical_to_voxel_displacement(disp_lps: np.ndarray, geometry: ItkGeometry) 
 
 
 #: how to get the optional peers
-INSTALL_HINT = "pip install voxelopt[peers]"
+INSTALL_HINT = 'pip install -e ".[peers]" (in the voxelopt folder)'
 
 
 def peer_available(importer) -> tuple[bool, str]:
