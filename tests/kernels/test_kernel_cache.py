@@ -45,3 +45,22 @@ def test_stale_stamp_flushes_and_current_stamp_keeps(monkeypatch):
     stamp.write_text("an older version of the kernels")
     runtime.drop_stale_cache(cost)
     assert len(flushed) == 1 and stamp.read_text() == runtime.sources_digest()
+
+
+def test_compile_notice_once_per_process(monkeypatch):
+    """The command line shows a line before the kernels compile (first use on a machine)."""
+    runtime = importlib.import_module("voxelopt.kernels._runtime")
+    monkeypatch.setattr(kernels, "_CHECKED", set())
+    monkeypatch.setattr(kernels, "_NOTIFIED", [])
+    heard = []
+    monkeypatch.setattr(kernels, "compile_notice", heard.append)
+    monkeypatch.setattr(runtime, "drop_stale_cache", lambda module: True)  # as if stale
+    x = torch.rand(1, 3, 4, 5, 6)
+    kernels.smooth(x, 0.2, 1)
+    kernels.warp(x, torch.zeros(1, 3, 4, 5, 6))
+    assert heard == [kernels.COMPILE_MESSAGE]
+    monkeypatch.setattr(kernels, "_CHECKED", set())
+    monkeypatch.setattr(kernels, "_NOTIFIED", [])
+    monkeypatch.setattr(runtime, "drop_stale_cache", lambda module: False)  # cached
+    kernels.smooth(x, 0.2, 1)
+    assert heard == [kernels.COMPILE_MESSAGE]

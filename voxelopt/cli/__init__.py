@@ -88,6 +88,7 @@ def _run(argv: Sequence[str] | None) -> int:
     import_s = time.perf_counter() - start  # torch and the rest: stages_s["import"]
     import torch
 
+    from voxelopt import kernels
     from voxelopt.allocator import configure_from_environment
     from voxelopt.outputs import Interrupted, SignalGuard
     from voxelopt.progress import Progress
@@ -100,6 +101,7 @@ def _run(argv: Sequence[str] | None) -> int:
             torch.set_num_threads(args.threads)
             progress = Progress(quiet=args.quiet)
             progress.durations["import"] = import_s
+            kernels.compile_notice = progress.line  # the first use on a machine: ~20 s
             return run(args, progress, guard)
         except Interrupted as exc:
             guard.finish()
@@ -114,6 +116,7 @@ def _run(argv: Sequence[str] | None) -> int:
             print(f"voxelopt: error: {error_line(exc)}", file=sys.stderr)
             return 2
         finally:
+            kernels.compile_notice = None
             torch.set_num_threads(threads)
 
 

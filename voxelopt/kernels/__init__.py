@@ -32,6 +32,7 @@ import functools
 import importlib
 import importlib.util
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from torch import Tensor
 
 __all__ = [
     "BACKENDS",
+    "COMPILE_MESSAGE",
+    "compile_notice",
     "compose",
     "cost_and_entropy",
     "cost_volume",
@@ -144,6 +147,16 @@ def _array(t: Tensor):
 _LOCK = threading.Lock()
 #: Kernel modules whose cache was checked against the sources in this process.
 _CHECKED: set[str] = set()
+_NOTIFIED: list[str] = []
+
+#: Called with :data:`COMPILE_MESSAGE` when the first kernel of a process is about to be
+#: compiled rather than loaded from numba's cache (the first use on a machine); the command
+#: line shows it as a progress line. ``None``: silent.
+compile_notice: Callable[[str], None] | None = None
+COMPILE_MESSAGE = (
+    "compiling the CPU kernels for this machine (once, about 20 s; later runs load them from "
+    "numba's cache)"
+)
 
 
 def _call(module: str, kernel: str, *args):
@@ -157,8 +170,10 @@ def _call(module: str, kernel: str, *args):
         runtime.set_threads()
         found = importlib.import_module(f"voxelopt.kernels._{module}")
         if module not in _CHECKED:
-            runtime.drop_stale_cache(found)
             _CHECKED.add(module)
+            if runtime.drop_stale_cache(found) and not _NOTIFIED and compile_notice is not None:
+                _NOTIFIED.append(module)  # once per process
+                compile_notice(COMPILE_MESSAGE)
         return getattr(found, kernel)(*args)
 
 

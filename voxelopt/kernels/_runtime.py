@@ -76,7 +76,7 @@ def sources_digest() -> str:
     return digest.hexdigest()
 
 
-def drop_stale_cache(module: ModuleType) -> None:
+def drop_stale_cache(module: ModuleType) -> bool:
     """Forget ``module``'s cached kernels when any kernel source changed since they were saved.
 
     numba checks a cached kernel against its own file only, but kernels inline helpers from
@@ -84,8 +84,13 @@ def drop_stale_cache(module: ModuleType) -> None:
     after an edit of a helper, or a ``git pull`` in an editable install, the cache would still
     hold the old machine code. A stamp beside each module's cache names the sources it was
     built from. Call before the module's first kernel call.
+
+    Returns:
+        Whether a kernel's stamp was missing or stale, so that numba will compile it (the
+        first use on a machine, or after an edit).
     """
     digest = sources_digest()
+    compiles = False
     for obj in vars(module).values():
         if not isinstance(obj, numba.core.dispatcher.Dispatcher):
             continue
@@ -99,11 +104,13 @@ def drop_stale_cache(module: ModuleType) -> None:
         try:
             if stamp.is_file() and stamp.read_text() == digest:
                 continue
+            compiles = True
             cache.flush()
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(digest)
         except OSError:  # a read-only cache: numba recompiles what it cannot load
             continue
+    return compiles
 
 
 def set_threads() -> None:
