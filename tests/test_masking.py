@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from voxelopt import VoxelOpt, VoxelOptRegistration
 from voxelopt.config import VoxelOptConfig
 from voxelopt.filtering import side_weight, smooth
-from voxelopt.masking import Smoothing, Support, check_mask, erode, level_support
+from voxelopt.masking import Smoothing, Support, box_max, check_mask, erode, level_support
 from voxelopt.phantom import make_phantom
 from voxelopt.pipeline import register_volumes, volume_from_array
 from voxelopt.pyramid import _pyramid
@@ -102,6 +102,35 @@ class TestCheckMask:
         labels[1] = 3
         with pytest.raises(ValueError, match="moving_mask"):
             check_mask(labels, torch.rand(1, 1, 4, 5, 6), "moving_mask")
+
+
+class TestBoxMax:
+    @pytest.mark.parametrize("shape", [(1, 1, 6, 5, 7), (2, 3, 4, 9, 2), (1, 1, 1, 4, 3)])
+    @pytest.mark.parametrize("voxels", [1, 2, 3])
+    def test_against_max_pool(self, shape, voxels):
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(voxels))
+        expected = F.max_pool3d(x, 2 * voxels + 1, stride=1, padding=voxels)
+        assert torch.equal(box_max(x, voxels), expected)
+
+    def test_against_loops(self):
+        x = torch.rand(1, 1, 4, 5, 3, dtype=torch.float64)
+        out = box_max(x, 1)
+        for i, j, k in itertools.product(range(4), range(5), range(3)):
+            box = x[0, 0, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2, max(k - 1, 0) : k + 2]
+            assert out[0, 0, i, j, k] == box.max()
+
+    def test_zero_is_a_copy_and_input_untouched(self):
+        x = torch.rand(1, 1, 3, 3, 3)
+        kept = x.clone()
+        out = box_max(x, 0)
+        assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+        box_max(x, 2)
+        assert torch.equal(x, kept)
+
+    @pytest.mark.parametrize("voxels", [-1, 1.5])
+    def test_bad_voxels(self, voxels):
+        with pytest.raises(ValueError, match="voxels"):
+            box_max(torch.rand(1, 1, 3, 3, 3), voxels)
 
 
 class TestErode:

@@ -13,11 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from voxelopt.config import VoxelOptConfig
-from voxelopt.masking import check_mask, level_support
+from voxelopt.masking import box_max, check_mask, level_support
 from voxelopt.solver import LevelResult, level_backend, solve_level
 from voxelopt.transform import (
     compose,
@@ -101,7 +100,7 @@ def _pyramid(volume: Tensor | None, shapes, dilate: bool = False) -> list[Tensor
         return [None] * len(shapes)
     out = [volume]
     for shape in shapes[1:]:
-        finer = F.max_pool3d(out[-1], 3, stride=1, padding=1) if dilate else out[-1]
+        finer = box_max(out[-1], 1) if dilate else out[-1]
         out.append(resize_volume(finer, shape))
     return out
 

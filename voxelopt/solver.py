@@ -225,7 +225,7 @@ def solve_level(
     offsets = search_offsets(config.kernel_size, device=fixed.device)
     if support is not None:  # offsets without moving data, then the entropy of what is left
         cost = support.mask_offsets(
-            cost_volume(fixed, moving, config.kernel_size, backend), config.kernel_size
+            cost_volume(fixed, moving, config.kernel_size, backend), config.kernel_size, backend
         )
         entropy = displacement_entropy(cost, config.beta, config.prob_floor, backend)
     elif backend == "numba":  # the entropy of each plane while its costs are in cache

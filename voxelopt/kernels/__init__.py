@@ -16,6 +16,7 @@ smoothing (all passes)   :func:`smooth`                                         
 hard (coupled) argmin    :func:`hard_argmin`, the same tie-breaking                 bit for bit
 trilinear sampling       :func:`warp`, :func:`compose`, :func:`integrate_velocity`  bit for bit
 MIND-SSC features        :func:`mind_ssc` (two passes instead of ~30)               rounding
+offsets outside data     :func:`mask_offsets` (one pass instead of ~300 operators)  bit for bit
 =======================  =========================================================  ===========
 
 ("bit for bit": measured on this project's machines, where torch's vectorised ``lerp`` and
@@ -48,6 +49,7 @@ __all__ = [
     "displacement_entropy",
     "hard_argmin",
     "integrate_velocity",
+    "mask_offsets",
     "mind_ssc",
     "numba_available",
     "sigma_and_weight",
@@ -379,6 +381,27 @@ def integrate_velocity(velocity: Tensor, steps: int, padding_mode: str = "border
         _call("warp", "sample", phi.numpy(), phi.numpy(), scales, border, True, target.numpy())
         phi, target = target, phi
     return phi
+
+
+def mask_offsets(cost: Tensor, moving: Tensor, kernel_size: int) -> Tensor:
+    """:meth:`voxelopt.masking.Support.mask_offsets` in one pass, bit for bit, in place.
+
+    Args:
+        cost: ``(B, K, D, H, W)`` contiguous float32 cost (overwritten).
+        moving: ``(B, 1, D, H, W)`` moving mask (an offset is inside where it reads > 0.5,
+            replicated beyond the array).
+        kernel_size: the search half-width ``k``.
+
+    Returns:
+        ``cost``.
+    """
+    from voxelopt.cost import search_offsets
+
+    k = kernel_size
+    padded = torch.nn.functional.pad(moving.float(), (k,) * 6, mode="replicate")
+    offsets = search_offsets(k).long().numpy()
+    _call("masks", "mask_offsets", cost.numpy(), _array(padded), offsets, k)
+    return cost
 
 
 def mind_ssc(image: Tensor, radius: int, dilation: int) -> Tensor:
