@@ -62,12 +62,18 @@ def data_extent(data: np.ndarray) -> Extent:
         raise ValueError(f"data must be a non-empty (D, H, W) array, got shape {data.shape}")
     extent = []
     for axis, n in enumerate(data.shape):
+
+        def plane(i: int, axis: int = axis) -> np.ndarray:
+            # a view: np.take copies the whole array first when it is not C-ordered (a
+            # NIfTI's Fortran-ordered voxels: 0.22 s per slice of a 512 x 512 x 133 CT)
+            return data[(slice(None),) * axis + (i,)]
+
         lo, hi = 0, n - 1
-        while lo <= hi and _empty(np.take(data, lo, axis=axis)):
+        while lo <= hi and _empty(plane(lo)):
             lo += 1
         if lo > hi:  # all empty
             return tuple((0, m - 1) for m in data.shape)  # type: ignore[return-value]
-        while _empty(np.take(data, hi, axis=axis)):
+        while _empty(plane(hi)):
             hi -= 1
         extent.append((lo, hi))
     return tuple(extent)  # type: ignore[return-value]
