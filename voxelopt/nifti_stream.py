@@ -6,8 +6,10 @@ zlib's default strategy: for the full-resolution displacement of a 512 x 512 x 2
 at a compression ratio of 0.92. This writer produces the same NIfTI-1 file (one gzip member,
 readable by nibabel, ITK, zcat) from slabs computed on demand, so the full field never exists,
 and deflates independent chunks in threads (``pigz``'s layout: raw deflate chunks ended by a
-sync flush, one CRC over all). For float fields it uses zlib's Huffman-only strategy: the same
-ratio (0.92) at about 3.5 times the speed of level 1.
+sync flush, one CRC over all). For float images it uses zlib's Huffman-only strategy: the same
+ratio as level 1 at about 3.5 times its speed. Displacement fields are stored without
+compression inside the gzip (deflate level 0): Huffman coding saved only 7-8 % of a field
+(ratio 0.92-0.93) for 4 s of a 512 x 512 x 250 registration's 22 s.
 """
 
 from __future__ import annotations
@@ -202,11 +204,12 @@ def write_displacement(
         matrix: the world matrix the field was found through, if any: the file then holds the
             total displacement against the moving image resampled onto ``fixed``'s grid by the
             identity world map (see :class:`voxelopt.fullres.FieldUpsampler`).
-        **kw: ``threads``, ``level``, ``huffman_only`` (default True) of
-            :func:`write_nifti_slabs`.
+        **kw: ``threads``, ``level`` (default 0: stored, see the module's notes),
+            ``huffman_only`` of :func:`write_nifti_slabs`.
     """
     from voxelopt.fullres import FieldUpsampler
 
+    kw.setdefault("level", 0)
     kw.setdefault("huffman_only", True)
     ornt = fixed.ornt.astype(int)
     axis = int(ornt[2, 0])
