@@ -56,6 +56,8 @@ def test_load_reorients_to_ras(tmp_path, rng, name):
     affine = AFFINES[name]
     vol = load_volume(_write(tmp_path / "img.nii.gz", data, affine))
     assert vol.data.dtype == np.float32
+    assert min(vol.data.strides) > 0  # torch.from_numpy takes it (a flipped view would not)
+    torch.from_numpy(vol.data)
     assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
     assert np.all(np.diag(vol.affine)[:3] > 0)
     assert vol.file_shape == data.shape
@@ -74,7 +76,7 @@ def test_save_round_trip_in_file_orientation(tmp_path, rng, name):
     data = rng.integers(0, 9, size=(5, 6, 7)).astype(np.int16)
     src = _write(tmp_path / "in.nii.gz", data, AFFINES[name])
     vol = load_labels(src)
-    assert vol.data.dtype == np.int64
+    assert vol.data.dtype == np.int64 and min(vol.data.strides) > 0
     out = save_volume(vol.data, vol, tmp_path / "out.nii.gz", dtype=np.int16)
     img = nib.load(str(out))
     assert np.array_equal(np.asarray(img.dataobj), data)

@@ -201,7 +201,8 @@ def check_label_values(labels: np.ndarray, name: str, max_labels: int = MAX_LABE
             "is it an image rather than a label map?"
         )
     if high <= 10 * max_labels:
-        distinct = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=1)))
+        # order "K": no C-ordered copy of a Fortran-ordered NIfTI array (0.4 s at 35 M voxels)
+        distinct = int(np.count_nonzero(np.bincount(labels.ravel(order="K"), minlength=1)))
     else:
         distinct = int(np.unique(labels).size)
     if distinct > max_labels:
