@@ -101,7 +101,7 @@ def _run(argv: Sequence[str] | None) -> int:
             torch.set_num_threads(args.threads)
             progress = Progress(quiet=args.quiet)
             progress.durations["import"] = import_s
-            kernels.compile_notice = progress.line  # the first use on a machine: ~20 s
+            kernels.compile_notice = progress.line  # the first use on a machine: ~25 s
             return run(args, progress, guard)
         except Interrupted as exc:
             guard.finish()

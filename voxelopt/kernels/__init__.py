@@ -158,7 +158,7 @@ _NOTIFIED: list[str] = []
 #: line shows it as a progress line. ``None``: silent.
 compile_notice: Callable[[str], None] | None = None
 COMPILE_MESSAGE = (
-    "compiling the CPU kernels for this machine (once, about 20 s; later runs load them from "
+    "compiling the CPU kernels for this machine (once, about 25 s; later runs load them from "
     "numba's cache)"
 )
 
