@@ -72,3 +72,27 @@ def test_unsupported_modes():
         warp(image, disp, padding_mode="reflection", backend="numba")
     # "auto" leaves them to torch
     assert torch.equal(warp(image, disp, mode="nearest", backend="auto"), image)
+
+
+@pytest.mark.parametrize(
+    "shape, out_shape, spread",
+    [((5, 6, 7), (4, 5, 6), 1.0), ((9, 8, 10), (9, 8, 10), 1.3), ((3, 4, 5), (6, 6, 6), 2.5),
+     ((1, 4, 6), (3, 3, 3), 1.0), ((12, 11, 10), (5, 4, 3), 0.2)],
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_grid_sample_equals_torch(shape, out_shape, spread, mode):
+    """Positions inside, on the edges and far outside (zero padding); halves for nearest."""
+    from voxelopt.transform import grid_sample_3d
+
+    g = torch.Generator().manual_seed(hash((shape, out_shape, mode)) % 2**31)
+    image = torch.rand(*shape, generator=g)
+    grid = (torch.rand(1, *out_shape, 3, generator=g) * 2 - 1) * spread
+    grid[0, 0, 0, 0] = torch.tensor([-1.0, 1.0, 0.0])  # corners exactly
+    expected = grid_sample_3d(image[None, None], grid, mode=mode, padding_mode="zeros")[0, 0]
+    out = kernels.grid_sample(image, grid[0], mode)
+    assert out.shape == out_shape and torch.equal(out, expected)
+
+
+def test_grid_sample_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        kernels.grid_sample(torch.rand(3, 3, 3), torch.zeros(2, 2, 2, 3), "bicubic")

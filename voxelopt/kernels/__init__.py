@@ -15,6 +15,7 @@ sigma map, side weight   :func:`sigma_and_weight`                               
 smoothing (all passes)   :func:`smooth`                                             bit for bit
 hard (coupled) argmin    :func:`hard_argmin`, the same tie-breaking                 bit for bit
 trilinear sampling       :func:`warp`, :func:`compose`, :func:`integrate_velocity`  bit for bit
+sampling at positions    :func:`grid_sample` (trilinear or nearest, zero padding)   bit for bit
 MIND-SSC features        :func:`mind_ssc` (two passes instead of ~30)               rounding
 offsets outside data     :func:`mask_offsets` (one pass instead of ~300 operators)  bit for bit
 Gaussian (anti-aliasing) :func:`gaussian_filter1d` (scipy's, in parallel)           bit for bit
@@ -49,6 +50,7 @@ __all__ = [
     "cost_volume",
     "displacement_entropy",
     "gaussian_filter1d",
+    "grid_sample",
     "hard_argmin",
     "integrate_velocity",
     "mask_offsets",
@@ -361,6 +363,26 @@ def warp(image: Tensor, disp: Tensor, padding_mode: str = "zeros") -> Tensor:
     out = image.new_empty((disp.shape[0], image.shape[1], *disp.shape[2:]))
     arrays = _array(image), _array(disp), _scales(disp)
     _call("warp", "sample", *arrays, _border(padding_mode), False, out.numpy())
+    return out
+
+
+def grid_sample(image: Tensor, grid: Tensor, mode: str = "bilinear") -> Tensor:
+    """``F.grid_sample(image[None, None], grid[None], mode, padding_mode="zeros",
+    align_corners=True)[0, 0]`` in one pass, bit for bit.
+
+    Args:
+        image: ``(D, H, W)`` float32.
+        grid: ``(D', H', W', 3)`` float32 normalised positions, ``(x, y, z)`` order.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+
+    Returns:
+        ``(D', H', W')`` float32.
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    out = image.new_empty(grid.shape[:3])
+    arrays = _array(image), _array(grid)
+    _call("warp", "sample_grid", *arrays, mode == "nearest", out.numpy())
     return out
 
 

@@ -165,3 +165,67 @@ def sample(image, disp, scales, border, add, out):
                 for c in range(grouped, nc):
                     v = _one(flat, corner + np.uint64(c) * volume, row, plane, weight)
                     target[c, w] = v + shift[c, w] if add else v
+
+
+@parallel_jit
+def sample_grid(image, grid, nearest, out):
+    """``grid_sample(image, grid, align_corners=True, padding_mode="zeros")`` of one channel.
+
+    Rounded as ATen's 3-D CPU kernel: ``p = ((g + 1) / 2)(n - 1)`` per axis, then the eight
+    corners weighted by the distances to the opposite corner and summed in its order (corners
+    outside count 0), or for ``nearest`` the voxel at ``nearbyint(p)`` (0 outside).
+
+    Args:
+        image: ``(D, H, W)`` float32, C-contiguous.
+        grid: ``(D', H', W', 3)`` float32 normalised positions in ``(x, y, z)`` = ``(W, H, D)``
+            order.
+        nearest: nearest neighbour instead of trilinear.
+        out: ``(D', H', W')`` float32 result.
+    """
+    nd, nh, nw = image.shape
+    od, oh, ow = out.shape
+    flat = image.reshape(-1)
+    row, plane = np.uint64(nw), np.uint64(nh * nw)
+    nd32, nh32, nw32 = np.int32(nd), np.int32(nh), np.int32(nw)
+    zero32, one32 = np.int32(0), np.int32(1)
+    sd, sh, sw = np.float32(nd - 1), np.float32(nh - 1), np.float32(nw - 1)
+    zero = np.uint64(0)
+    for dh in prange(od * oh):
+        d, h = dh // oh, dh % oh
+        points, target = grid[d, h], out[d, h]
+        for w in range(ow):
+            px = ((points[w, 0] + _ONE) / _TWO) * sw
+            py = ((points[w, 1] + _ONE) / _TWO) * sh
+            pz = ((points[w, 2] + _ONE) / _TWO) * sd
+            if nearest:
+                x, y, z = np.rint(px), np.rint(py), np.rint(pz)
+                inside = 0.0 <= x < nw and 0.0 <= y < nh and 0.0 <= z < nd
+                target[w] = (
+                    flat[np.uint64((int(z) * nh + int(y)) * nw + int(x))] if inside else _ZERO
+                )
+                continue
+            z0, y0, x0 = np.floor(pz), np.floor(py), np.floor(px)
+            z, y, x = np.int32(z0), np.int32(y0), np.int32(x0)
+            inside = (z >= zero32) & (z + one32 < nd32) & (y >= zero32) & (y + one32 < nh32)
+            inside &= (x >= zero32) & (x + one32 < nw32)
+            if not inside or not (abs(pz) < 2e9 and abs(py) < 2e9 and abs(px) < 2e9):
+                if abs(pz) < 2e9 and abs(py) < 2e9 and abs(px) < 2e9:
+                    target[w] = _boundary(flat, zero, 1, nd, nh, nw, pz, py, px, 0)
+                else:
+                    target[w] = _ZERO
+                continue
+            ex, wx = (x0 + _ONE) - px, px - x0
+            ey, wy = (y0 + _ONE) - py, py - y0
+            ez, wz = (z0 + _ONE) - pz, pz - z0
+            weight = (
+                ex * ey * ez,
+                wx * ey * ez,
+                ex * wy * ez,
+                wx * wy * ez,
+                ex * ey * wz,
+                wx * ey * wz,
+                ex * wy * wz,
+                wx * wy * wz,
+            )
+            corner = np.uint64((z * nh32 + y) * nw32 + x)
+            target[w] = _one(flat, corner, row, plane, weight)
