@@ -3,7 +3,7 @@
 This module imports numba; only the kernel modules import it, and those only when the numba
 backend is first used (see :mod:`voxelopt.kernels`).
 
-Threading layer: TBB (the ``tbb`` package, a dependency on x86-64), else numba's
+Threading layer: TBB (the ``tbb`` package, a dependency on Linux and Windows x86-64), else numba's
 ``workqueue``, unless ``NUMBA_THREADING_LAYER`` names one. numba's default OpenMP layer puts
 a second worker pool beside torch's own OpenMP pool (another copy of libgomp): a worker woken
 for each of a solve's ~140 parallel kernels waited for a scheduler tick whenever the two cores
