@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation
 
-from voxelopt.io import Volume, _to_numpy, atomic_output
+from voxelopt.io import Volume, _to_numpy
 
 __all__ = [
     "NIFTI_INTENT_VECTOR",
@@ -72,14 +72,16 @@ def _check_affine(affine, name: str = "affine") -> np.ndarray:
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: str | Path) -> Path:
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    set_vector_intent(img.header)
-    path = Path(path)
-    with atomic_output(path) as tmp:
-        nib.save(img, str(tmp))
-    return path
+    """A float32 vector field ``(X, Y, Z[, 1], 3)`` through the one NIfTI writer
+    (:func:`voxelopt.nifti_stream.write_nifti_slabs`: vector intent, mm, qform and sform code 1,
+    stored without compression like ``displacement.nii.gz``; ``nib.save`` took 17 s on one core
+    for the field of a 512 x 512 x 133 CT)."""
+    from voxelopt.nifti_stream import write_nifti_slabs
+
+    def slabs(c: int, z0: int, z1: int) -> np.ndarray:
+        return data[:, :, z0:z1, 0, c] if data.ndim == 5 else data[:, :, z0:z1, c]
+
+    return write_nifti_slabs(path, data.shape, affine, np.float32, slabs, level=0)
 
 
 def save_displacement_nifti(path: str | Path, disp_file_axes, affine) -> Path:

@@ -49,7 +49,7 @@ def _header(shape: tuple[int, ...], affine: np.ndarray, dtype) -> bytes:
     hdr.set_qform(affine, code=1)
     hdr.set_sform(affine, code=1)
     hdr.set_xyzt_units("mm")
-    if len(shape) == 4 and shape[3] == 3:  # a displacement field: NIfTI vector intent
+    if len(shape) >= 4 and shape[-1] == 3:  # a displacement field: NIfTI vector intent
         hdr.set_intent("vector")
     hdr["vox_offset"] = 352
     return hdr.binaryblock + b"\x00\x00\x00\x00"  # 348 bytes, then "no extensions"
@@ -104,7 +104,8 @@ def write_nifti_slabs(
 
     Args:
         path: ``.nii.gz`` (gzip) or ``.nii`` destination.
-        shape: file array shape ``(X, Y, Z)`` or ``(X, Y, Z, C)``.
+        shape: file array shape ``(X, Y, Z)``, ``(X, Y, Z, C)`` or ``(X, Y, Z, 1, C)`` (ITK's
+            vector fields; a last axis of 3 gets the NIfTI vector intent).
         affine: ``(4, 4)`` voxel -> world matrix of the file array (qform and sform, code 1).
         dtype: on-disk dtype.
         slabs: ``slabs(c, z0, z1)`` returns the ``(X, Y, z1 - z0)`` block of channel ``c``
@@ -119,9 +120,9 @@ def write_nifti_slabs(
     path = Path(path)
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
-    if len(shape) not in (3, 4):
-        raise ValueError(f"shape must be (X, Y, Z) or (X, Y, Z, C), got {shape}")
-    channels = shape[3] if len(shape) == 4 else 1
+    if len(shape) not in (3, 4, 5) or (len(shape) == 5 and shape[3] != 1):
+        raise ValueError(f"shape must be (X, Y, Z), (X, Y, Z, C) or (X, Y, Z, 1, C), got {shape}")
+    channels = shape[-1] if len(shape) >= 4 else 1
     step = max(1, _SLAB_VOXELS // max(1, shape[0] * shape[1]))
 
     def blocks() -> Iterator[bytes]:
