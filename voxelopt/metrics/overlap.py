@@ -36,15 +36,16 @@ def _flat_tensor(x: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(x)).reshape(-1)
 
 
+def _labels_in(p: np.ndarray, t: np.ndarray) -> list[int]:
+    """Every non-zero label of either map."""
+    return [int(v) for v in np.union1d(np.unique(p), np.unique(t)) if v != 0]
+
+
 def label_pair(
     pred: ArrayLike, target: ArrayLike, labels: Iterable[int] | None
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     p, t = _checked_pair(pred, target)
-    if labels is None:
-        found = np.union1d(np.unique(p), np.unique(t))
-        labels = [int(v) for v in found if v != 0]
-    else:
-        labels = [int(v) for v in labels]
+    labels = _labels_in(p, t) if labels is None else [int(v) for v in labels]
     return p, t, labels
 
 
@@ -61,14 +62,20 @@ def dice(
     Returns:
         ``{label: dice}`` in ``[0, 1]``; labels absent from both maps are left out.
     """
-    p, t = (_flat_tensor(x) for x in _checked_pair(pred_labels, target_labels))
-    if labels is None and (joint := _joint_histogram(p, t)) is not None:
-        # every label present in either map, from one pass
+    p_np, t_np = _checked_pair(pred_labels, target_labels)
+    p, t = _flat_tensor(p_np), _flat_tensor(t_np)
+    labels = None if labels is None else [int(v) for v in labels]
+    joint = _joint_histogram(p, t, labels or ())
+    if labels is None and joint is not None:  # every label present, from the one histogram
         labels = [lab for lab in (joint.sum(0) + joint.sum(1)).nonzero().flatten().tolist() if lab]
-    _, _, labels = label_pair(pred_labels, target_labels, labels)
+    elif labels is None:
+        labels = _labels_in(p_np, t_np)
     if not labels:
         return {}
-    scores = _dice_flat(p[None], t[None], labels)[0].tolist()
+    if joint is not None:
+        scores = _dice_from_joint(joint, labels).tolist()
+    else:
+        scores = _dice_flat(p[None], t[None], labels)[0].tolist()
     return {lab: v for lab, v in zip(labels, scores, strict=True) if not math.isnan(v)}
 
 
@@ -135,10 +142,16 @@ def _dice_from_counts(p: Tensor, t: Tensor, labels: Sequence[int]) -> Tensor | N
         joint = _joint_histogram(p[b], t[b], labels)
         if joint is None:
             return None
-        inter = joint.diagonal()[lab].double()
-        total = (joint.sum(1)[lab] + joint.sum(0)[lab]).double()
-        out[b] = torch.where(total > 0, 2.0 * inter / total.clamp_min(1), float("nan"))
+        out[b] = _dice_from_joint(joint, lab)
     return out
+
+
+def _dice_from_joint(joint: Tensor, labels: Sequence[int] | Tensor) -> Tensor:
+    """``(L,)`` float64 Dice of ``labels`` from a joint histogram (``nan``: in neither map)."""
+    lab = torch.as_tensor(labels, device=joint.device)
+    inter = joint.diagonal()[lab].double()
+    total = (joint.sum(1)[lab] + joint.sum(0)[lab]).double()
+    return torch.where(total > 0, 2.0 * inter / total.clamp_min(1), float("nan"))
 
 
 def mean_over_labels(values: Mapping[int, float] | Tensor) -> float | Tensor:
