@@ -204,15 +204,15 @@ def sample_grid(image, grid, nearest, out):
                     flat[np.uint64((int(z) * nh + int(y)) * nw + int(x))] if inside else _ZERO
                 )
                 continue
+            if not (abs(pz) < 2e9 and abs(py) < 2e9 and abs(px) < 2e9):  # far out, or NaN
+                target[w] = _ZERO
+                continue
             z0, y0, x0 = np.floor(pz), np.floor(py), np.floor(px)
             z, y, x = np.int32(z0), np.int32(y0), np.int32(x0)
             inside = (z >= zero32) & (z + one32 < nd32) & (y >= zero32) & (y + one32 < nh32)
             inside &= (x >= zero32) & (x + one32 < nw32)
-            if not inside or not (abs(pz) < 2e9 and abs(py) < 2e9 and abs(px) < 2e9):
-                if abs(pz) < 2e9 and abs(py) < 2e9 and abs(px) < 2e9:
-                    target[w] = _boundary(flat, zero, 1, nd, nh, nw, pz, py, px, 0)
-                else:
-                    target[w] = _ZERO
+            if not inside:  # some corners outside: ATen's sum over those inside
+                target[w] = _boundary(flat, zero, 1, nd, nh, nw, pz, py, px, 0)
                 continue
             ex, wx = (x0 + _ONE) - px, px - x0
             ey, wy = (y0 + _ONE) - py, py - y0
